@@ -12,7 +12,10 @@ from typing import List
 
 from setuptools.command.build_py import build_py
 
-STARTUP_FILES = ("agenshield_shim.pth", "agenshield_shim.start")
+# Only the .pth for now: under PEP 829 (3.15+) a matching .start file would switch the
+# .pth's import line off, and a failing .start entry point is printed and ignored, which
+# would lose the fail-closed fallback that the .pth line carries (README, "Python 3.15").
+STARTUP_FILES = ("agenshield_shim.pth",)
 
 
 class BuildPyWithStartupFiles(build_py):  # type: ignore[misc]

@@ -1,0 +1,513 @@
+"""The guard: a PEP 578 audit hook that refuses every destination but the broker.
+
+Why an audit hook: CPython raises its socket events from C, for ``socket``,
+``_socket``, a reloaded ``socket`` and asyncio's non-blocking sockets alike, in
+every thread, and a hook cannot be removed. Monkey-patches can be undone; this
+cannot.
+
+Why the odd style of the functions below: they are written for an attacker who
+runs Python code in the same interpreter and can reach them (``gc`` finds
+anything). So they read no module globals and no builtins by name (a global
+can be rebound, ``builtins.len`` can be replaced): everything they use is bound
+at definition time as a default argument, and ``__defaults__`` is a tuple.
+Replacing ``__code__`` or ``__defaults__`` of any of them raises an audit event
+that the hook itself refuses. They never call into objects the caller made
+(a ``str`` subclass with a lying ``__eq__``, an ``int`` with a changing
+``__index__``): the address is copied through the base types' own C slots
+first, and anything that cannot be copied that way is refused. On CPython
+3.11+ the hook is registered behind ``operator.call`` so that a ``__cantrace__``
+attribute planted on it cannot switch tracing on inside it (a tracer could
+otherwise jump over the ``raise``). Tests check all of this (tests/test_guard.py).
+"""
+
+import operator
+import sys
+from typing import Any, Callable, FrozenSet, Optional, Tuple
+
+from ._config import Config, format_destination
+from ._errors import NetworkBlockedError, blocked_message
+
+# -- constants ------------------------------------------------------------------------------
+
+AF_UNIX = 1
+AF_INET = 2
+if sys.platform.startswith("linux"):
+    AF_INET6 = 10
+elif sys.platform == "darwin":
+    AF_INET6 = 30
+elif sys.platform.startswith("freebsd"):
+    AF_INET6 = 28
+else:  # pragma: no cover - Windows and others: one number CPython uses there
+    AF_INET6 = 23
+SOCK_RAW = 3
+SOCK_PACKET = 10
+# family -1: socket(fileno=...) adopting a descriptor; the family is read from it later.
+ALLOWED_FAMILIES = frozenset((AF_UNIX, AF_INET, AF_INET6, -1))
+
+CONNECT_EVENTS = frozenset(("socket.connect", "socket.sendto", "socket.sendmsg"))
+NAME_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname"))
+REVERSE_EVENTS = frozenset(("socket.gethostbyaddr", "socket.getnameinfo"))
+TAMPER_EVENTS = frozenset(("object.__setattr__", "object.__delattr__"))
+TRACE_EVENTS = frozenset(("sys.settrace", "sys.setprofile"))
+WATCHED_EVENTS = (
+    CONNECT_EVENTS
+    | NAME_EVENTS
+    | REVERSE_EVENTS
+    | TAMPER_EVENTS
+    | TRACE_EVENTS
+    | frozenset(("socket.__new__",))
+)
+
+LOOPBACK_NAMES = frozenset(("localhost",))
+LOOPBACK_V4 = "127.0.0.1"
+LOOPBACK_V6 = "v6:0:0:0:0:0:0:0:1"
+LOOPBACK_ALIASES = frozenset(("name:localhost", LOOPBACK_V4, LOOPBACK_V6))
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+_HEX = frozenset("0123456789abcdef")
+_DIGITS = frozenset("0123456789")
+_MAX_HOST = 253
+
+_str_copy = str.__str__  # an exact str from any real str subclass, through str's own C slot
+_bytes_decode = bytes.decode
+_int_copy = int.__index__
+_tuple_len = tuple.__len__
+_tuple_get = tuple.__getitem__
+
+# -- canonical forms ------------------------------------------------------------------------
+# A canonical host is a str: "a.b.c.d" for IPv4, "v6:h:h:h:h:h:h:h:h" for IPv6 (an IPv4-mapped
+# address becomes its IPv4 form), "name:example.com" for a DNS name, or None when the value is
+# not something we can compare safely (then it is refused).
+
+
+def _parse_v4(text: Any, _len=len, _int=int, _digits=_DIGITS, _frozenset=frozenset) -> Any:
+    parts = text.split(".")
+    if _len(parts) != 4:
+        return None
+    out = []
+    for part in parts:
+        # no leading zeros: inet_aton would read "010" as octal 8
+        if not part or _len(part) > 3 or not _frozenset(part) <= _digits or (part[0] == "0" and _len(part) > 1):
+            return None
+        value = _int(part)
+        if value > 255:
+            return None
+        out.append(value)
+    return out
+
+
+def _parse_v6(
+    text: Any, _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4, _range=range
+) -> Any:
+    if "%" in text or text.count("::") > 1:
+        return None
+    tail = []
+    if "." in text:
+        head, _, last = text.rpartition(":")
+        quad = _v4(last)
+        if quad is None:
+            return None
+        tail = [quad[0] * 256 + quad[1], quad[2] * 256 + quad[3]]
+        text = head + ":" if head.endswith(":") else head
+        if text == ":":
+            text = "::"
+    if "::" in text:
+        left, _, right = text.partition("::")
+        lparts = left.split(":") if left else []
+        rparts = right.split(":") if right else []
+        missing = 8 - _len(tail) - _len(lparts) - _len(rparts)
+        if missing < 1:
+            return None
+        parts = lparts + ["0"] * missing + rparts
+    else:
+        parts = text.split(":") if text else []
+    if _len(parts) + _len(tail) != 8:
+        return None
+    groups = []
+    for part in parts:
+        if not part or _len(part) > 4 or not _frozenset(part) <= _hex:
+            return None
+        groups.append(_int(part, 16))
+    return groups + tail
+
+
+def _canon_text(
+    text: Any,
+    _len=len,
+    _v4=_parse_v4,
+    _v6=_parse_v6,
+    _names=_NAME_CHARS,
+    _frozenset=frozenset,
+    _max=_MAX_HOST,
+    _str=str,
+    _hexfmt="%x",
+) -> Optional[str]:
+    """Canonical form of an exact ``str`` host, or None."""
+    host = text.lower()
+    if _len(host) > _max + 2 or not host:
+        return None
+    if host[0] == "[" and host[-1] == "]":
+        host = host[1:-1]
+    if ":" in host:
+        groups = _v6(host)
+        if groups is None:
+            return None
+        if groups[:6] == [0, 0, 0, 0, 0, 0xFFFF]:
+            hi, lo = groups[6], groups[7]
+            return "%d.%d.%d.%d" % (hi >> 8, hi & 255, lo >> 8, lo & 255)
+        return "v6:" + ":".join([_hexfmt % g for g in groups])
+    quad = _v4(host)
+    if quad is not None:
+        return "%d.%d.%d.%d" % (quad[0], quad[1], quad[2], quad[3])
+    if host.endswith("."):
+        host = host[:-1]
+    if not host or not _frozenset(host) <= _names or ".." in host:
+        return None
+    return "name:" + host
+
+
+def _exact_str(
+    value: Any, _type=type, _str=str, _bytes=bytes, _copy=_str_copy, _decode=_bytes_decode
+) -> Optional[str]:
+    """An exact str copy of a str/bytes host, read through the base type's C code, or None."""
+    kind = _type(value)
+    if kind is _str:
+        return value  # type: ignore[no-any-return]
+    if kind is _bytes:
+        try:
+            return _decode(value, "ascii")  # type: ignore[no-any-return]
+        except UnicodeDecodeError:
+            return None
+    try:
+        return _copy(value)  # type: ignore[no-any-return]  # TypeError unless a real str subclass
+    except TypeError:
+        pass
+    try:
+        return _decode(value, "ascii")  # type: ignore[no-any-return]  # a real bytes subclass
+    except (TypeError, UnicodeDecodeError):
+        return None  # bytearray (mutable: could change under us), or anything else
+
+
+def canonical_host(value: Any, _exact=_exact_str, _canon=_canon_text) -> Optional[str]:
+    """Canonical form of a host as passed to the socket API, or None if it cannot be trusted."""
+    text = _exact(value)
+    if text is None:
+        return None
+    return _canon(text)
+
+
+def _exact_port(value: Any, _type=type, _int=int, _copy=_int_copy) -> Optional[int]:
+    if _type(value) is _int:
+        return value  # type: ignore[no-any-return]
+    try:
+        return _copy(value)  # type: ignore[no-any-return]  # only real int subclasses pass
+    except TypeError:
+        return None  # objects with their own __index__ could answer differently twice
+
+
+def _display(value: Any, _exact=_exact_str, _repr=repr, _type=type, _int=int) -> str:
+    """A safe text for messages: never calls the caller's __str__ or __repr__."""
+    if _type(value) is _int:
+        return "%d" % value
+    text = _exact(value)
+    if text is None:
+        return "<unreadable address>"
+    if text.isprintable() and " " not in text:
+        return text
+    return _repr(text)
+
+
+# -- the policy -----------------------------------------------------------------------------
+
+
+# A policy is an exact tuple, not an object of a class of ours: a class attribute can be
+# replaced by anyone, a tuple's items cannot. Index names:
+DESTINATIONS, NAMES, RESOLVE, BROKER, REASON = range(5)
+Policy = Tuple[FrozenSet[Tuple[str, int]], FrozenSet[str], Tuple[Tuple[str, int], ...], str, Optional[str]]
+
+
+def make_policy(
+    destinations: FrozenSet[Tuple[str, int]],
+    names: FrozenSet[str],
+    resolve: Tuple[Tuple[str, int], ...],
+    broker: str,
+    reason: Optional[str] = None,
+) -> Policy:
+    """``destinations``: (canonical host, port) pairs reachable directly; ``names``: canonical
+    "name:..." hosts that may be resolved; ``resolve``: (dns name, port) entries allowed by
+    name, so resolved when a connection's port matches; ``broker``: for messages; ``reason``:
+    set when everything is blocked because the shim could not start."""
+    return (destinations, names, resolve, broker, reason)
+
+
+def policy_from_config(config: Config) -> Policy:
+    """Turn the configuration into canonical allow sets.
+
+    The broker's host and ``localhost``, ``127.0.0.1`` and ``::1`` are one host when the
+    broker is on loopback, whichever spelling the client uses.
+    """
+    entries = [(config.broker_host, config.broker_port)] + list(config.allow)
+    destinations = set()
+    names = set()
+    resolve = []
+    for host, port in entries:
+        canon = canonical_host(host)
+        if canon is None:  # the config parser checked the characters; this is a belt and braces
+            raise ValueError("cannot use %r as a host" % (host,))
+        aliases = LOOPBACK_ALIASES if canon in LOOPBACK_ALIASES else frozenset((canon,))
+        for alias in aliases:
+            destinations.add((alias, port))
+            if alias.startswith("name:"):
+                names.add(alias)
+        if canon.startswith("name:") and canon not in LOOPBACK_ALIASES:
+            resolve.append((canon[5:], port))
+    return make_policy(frozenset(destinations), frozenset(names), tuple(resolve), config.broker)
+
+
+def block_all_policy(broker: str, reason: str) -> Policy:
+    return make_policy(frozenset(), frozenset(), (), broker, reason)
+
+
+# -- the decision ---------------------------------------------------------------------------
+
+
+def _resolves_to(
+    canon: str,
+    port: int,
+    resolve: Tuple[Tuple[str, int], ...],
+    _sys=sys,
+    _canon=_canon_text,
+    _type=type,
+    _builtin=type(len),
+    _module=type(sys),
+) -> bool:
+    """Is this IP one that an allowed *name* (with this port) resolves to?
+
+    Only asked when the port matches such an entry, so most connections never resolve.
+    ``_socket.getaddrinfo`` must be the real C function: a module planted in sys.modules
+    under that name gets nothing.
+    """
+    wanted = [name for name, allowed_port in resolve if allowed_port == port]
+    if not wanted:
+        return False
+    module = _sys.modules.get("_socket")
+    if _type(module) is not _module:
+        return False
+    getaddrinfo = module.__dict__.get("getaddrinfo")
+    if _type(getaddrinfo) is not _builtin or getaddrinfo.__self__ is not module:
+        return False
+    for name in wanted:
+        try:
+            infos = getaddrinfo(name, port)
+        except OSError:
+            continue
+        for info in infos:
+            if _canon(info[4][0]) == canon:
+                return True
+    return False
+
+
+def decide_destination(
+    host: Any,
+    port: Any,
+    policy: Policy,
+    _canonical=canonical_host,
+    _port=_exact_port,
+    _resolves=_resolves_to,
+) -> bool:
+    """May this interpreter open a connection to (host, port) directly?"""
+    canon = _canonical(host)
+    number = _port(port)
+    if canon is None or number is None:
+        return False
+    if (canon, number) in policy[0]:
+        return True
+    if policy[2] and not canon.startswith("name:"):
+        return _resolves(canon, number, policy[2])
+    return False
+
+
+def decide_name(host: Any, policy: Policy, _canonical=canonical_host) -> bool:
+    """May this name be resolved? IP literals need no DNS; None is the local host."""
+    if host is None:
+        return True
+    canon = _canonical(host)
+    if canon is None:
+        return False
+    return not canon.startswith("name:") or canon in policy[1]
+
+
+def decide_reverse(host: Any, policy: Policy, _canonical=canonical_host, _loop=LOOPBACK_ALIASES) -> bool:
+    """May this address be looked up in reverse? Only loopback: anything else asks a DNS server."""
+    canon = _canonical(host)
+    if canon is None:
+        return False
+    return canon in _loop or canon in policy[1] or canon.startswith("127.")
+
+
+def _address_parts(address: Any, _len=_tuple_len, _get=_tuple_get) -> Any:
+    """(host, port) of an AF_INET/AF_INET6 address tuple; None for any other address.
+
+    The socket C code only accepts a tuple for AF_INET and AF_INET6, and it has already
+    parsed the address when the event is raised, so a non-tuple here is a Unix path.
+    """
+    try:
+        size = _len(address)
+    except TypeError:
+        return None
+    if size < 2:
+        return (_get(address, 0) if size else None, None)
+    return (_get(address, 0), _get(address, 1))
+
+
+# -- the hook -------------------------------------------------------------------------------
+
+
+def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Callable[[str, Tuple[Any, ...]], None]:
+    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored)."""
+
+    def audit_hook(
+        event: str,
+        args: Tuple[Any, ...],
+        _watched=WATCHED_EVENTS,
+        _connect=CONNECT_EVENTS,
+        _names=NAME_EVENTS,
+        _reverse=REVERSE_EVENTS,
+        _tamper=TAMPER_EVENTS,
+        _trace=TRACE_EVENTS,
+        _families=ALLOWED_FAMILIES,
+        _inet=(AF_INET, AF_INET6),
+        _raw=(SOCK_RAW, SOCK_PACKET),
+        _policy=policy,
+        _report=report,
+        _parts=_address_parts,
+        _dest=decide_destination,
+        _name=decide_name,
+        _rev=decide_reverse,
+        _display=_display,
+        _format=format_destination,
+        _message=blocked_message,
+        _error=NetworkBlockedError,
+        _permission=PermissionError,
+        _base=BaseException,
+        _protected=(),
+    ) -> None:
+        if event not in _watched:
+            return
+        target = None
+        if event in _connect:
+            parts = _parts(args[1])
+            if parts is None or _dest(parts[0], parts[1], _policy):
+                return
+            target = _format(_display(parts[0]), None if parts[1] is None else _display(parts[1]))
+        elif event in _names:
+            if _name(args[0], _policy):
+                return
+            port = args[1] if event == "socket.getaddrinfo" else None
+            target = _format(_display(args[0]), None if port is None else _display(port))
+        elif event in _reverse:
+            host = args[0]
+            if event == "socket.getnameinfo":
+                parts = _parts(host)
+                host = None if parts is None else parts[0]
+            if host is not None and _rev(host, _policy):
+                return
+            target = "reverse lookup of " + _display(host)
+        elif event == "socket.__new__":
+            family, kind = args[1], args[2]
+            if family in _families and not (family in _inet and kind & 15 in _raw):
+                return
+            target = "a raw or non-IP socket (family %d, type %d)" % (family, kind)
+        elif event in _tamper:
+            for item in _protected:
+                if item is args[0]:
+                    raise _permission("AgenShield: the network guard cannot be modified")
+            return
+        elif event in _trace:
+            for item in _protected:
+                if "__cantrace__" in item.__dict__:
+                    raise _permission("AgenShield: tracing the network guard is not allowed")
+            return
+        else:
+            return
+        message = _message(target, _policy[3])
+        if _policy[4] is not None:
+            message = "AgenShield: network blocked (%s): %s refused" % (_policy[4], target)
+        try:
+            _report(event, target, _policy)
+        except _base:
+            pass
+        raise _error(message, target, _policy[3])
+
+    return audit_hook
+
+
+PROTECTED_HELPERS = (
+    _parse_v4,
+    _parse_v6,
+    _canon_text,
+    _exact_str,
+    canonical_host,
+    _exact_port,
+    _display,
+    _resolves_to,
+    decide_destination,
+    decide_name,
+    decide_reverse,
+    _address_parts,
+    format_destination,
+    blocked_message,
+)
+
+
+def seal(hook: Callable[..., None]) -> Callable[[str, Tuple[Any, ...]], None]:
+    """Bind the protected set into the hook and wrap it so it runs untraced.
+
+    ``MethodType(operator.call, hook)`` looks up ``__cantrace__`` on ``operator.call``, a
+    built-in with no ``__dict__``, so tracing stays off while the hook runs. Before 3.11
+    there is no such built-in; there the hook refuses ``sys.settrace``/``sys.setprofile``
+    while one of its functions carries ``__cantrace__`` (weaker: see the README).
+    """
+    import types
+
+    defaults = hook.__defaults__ or ()
+    hook.__defaults__ = defaults[:-1] + ((hook,) + PROTECTED_HELPERS,)
+    call = getattr(operator, "call", None)
+    if call is not None and type(call) is type(len):
+        return types.MethodType(call, hook)
+    return hook
+
+
+# -- installed state --------------------------------------------------------------------------
+
+_active: Optional[Policy] = None
+
+
+def install(policy: Policy, report: Callable[[str, str, Policy], None]) -> None:
+    """Add the audit hook for this policy (there is no way to take it back)."""
+    global _active
+    sys.addaudithook(seal(make_hook(policy, report)))
+    _active = policy
+
+
+def active_policy() -> Optional[Policy]:
+    return _active
+
+
+def check_destination(host: Any, port: Any) -> None:
+    """Refuse (host, port) early, with the guard's own decision and message.
+
+    For the library hooks: the audit hook would refuse the connection anyway, but
+    only once the library has resolved the name and tried each address.
+    """
+    policy = _active
+    if policy is None or (policy[REASON] is None and decide_destination(host, port, policy)):
+        return
+    target = format_destination(_display(host), None if port is None else _display(port))
+    from ._log import report_block
+
+    report_block("socket.create_connection", target, policy)
+    if policy[REASON] is not None:
+        raise NetworkBlockedError(
+            "AgenShield: network blocked (%s): %s refused" % (policy[REASON], target), target, policy[BROKER]
+        )
+    raise NetworkBlockedError(blocked_message(target, policy[BROKER]), target, policy[BROKER])
