@@ -4,17 +4,10 @@ This module is imported by the start-up line of every interpreter in the
 environment, so it imports nothing: the public names are loaded on first use.
 """
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 __all__ = ["NetworkBlockedError", "ShimConfigError", "__version__"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._config import ShimConfigError
-    from ._errors import NetworkBlockedError
-
-
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:  # PEP 562: no import until the name is used
     if name == "NetworkBlockedError":
         from ._errors import NetworkBlockedError
 

@@ -7,8 +7,16 @@ a guard that blocks everything, which is the only safe reading of a
 configuration nobody can vouch for.
 """
 
+from __future__ import annotations
+
 import os
-from typing import Mapping, Optional, Tuple
+
+TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Mapping, Optional, Tuple
+
+    #: (host, port) as written by the user; host already lower-cased, brackets removed.
+    Destination = Tuple[str, int]
 
 ENV_ENABLED = "AGENSHIELD_ENABLED"
 ENV_BROKER_HOST = "AGENSHIELD_BROKER_HOST"
@@ -26,9 +34,6 @@ _FALSE = ("false", "0", "no", "off")
 _TRUE = ("true", "1", "yes", "on")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 TRANSPORTS = ("tunnel", "rpc")
-
-#: (host, port) as written by the user; host already lower-cased, brackets removed.
-Destination = Tuple[str, int]
 
 
 class ShimConfigError(ValueError):

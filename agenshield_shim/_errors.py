@@ -1,7 +1,12 @@
 """The exception every refused connection raises."""
 
+from __future__ import annotations
+
 import errno
-from typing import Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Optional
 
 
 class NetworkBlockedError(ConnectionRefusedError):

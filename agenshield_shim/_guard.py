@@ -20,9 +20,15 @@ attribute planted on it cannot switch tracing on inside it (a tracer could
 otherwise jump over the ``raise``). Tests check all of this (tests/test_guard.py).
 """
 
-import operator
+from __future__ import annotations
+
 import sys
-from typing import Any, Callable, FrozenSet, Optional, Tuple
+
+TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, FrozenSet, Optional, Tuple
+
+    Policy = Tuple[FrozenSet[Tuple[str, int]], FrozenSet[str], Tuple[Tuple[str, int], ...], str, Optional[str]]
 
 from ._config import Config, format_destination
 from ._errors import NetworkBlockedError, blocked_message
@@ -49,12 +55,16 @@ NAME_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname"))
 REVERSE_EVENTS = frozenset(("socket.gethostbyaddr", "socket.getnameinfo"))
 TAMPER_EVENTS = frozenset(("object.__setattr__", "object.__delattr__"))
 TRACE_EVENTS = frozenset(("sys.settrace", "sys.setprofile"))
+# os.environ changes reach subinterpreters, multiprocessing and every child that inherits the
+# environment, so the shim's own variables are frozen for the life of a guarded interpreter.
+ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
 WATCHED_EVENTS = (
     CONNECT_EVENTS
     | NAME_EVENTS
     | REVERSE_EVENTS
     | TAMPER_EVENTS
     | TRACE_EVENTS
+    | ENV_EVENTS
     | frozenset(("socket.__new__",))
 )
 
@@ -204,10 +214,11 @@ def _exact_port(value: Any, _type=type, _int=int, _copy=_int_copy) -> Optional[i
         return None  # objects with their own __index__ could answer differently twice
 
 
-def _display(value: Any, _exact=_exact_str, _repr=repr, _type=type, _int=int) -> str:
+def _display(value: Any, _exact=_exact_str, _port=_exact_port, _repr=repr) -> str:
     """A safe text for messages: never calls the caller's __str__ or __repr__."""
-    if _type(value) is _int:
-        return "%d" % value
+    number = _port(value)
+    if number is not None:
+        return "%d" % number
     text = _exact(value)
     if text is None:
         return "<unreadable address>"
@@ -222,7 +233,6 @@ def _display(value: Any, _exact=_exact_str, _repr=repr, _type=type, _int=int) ->
 # A policy is an exact tuple, not an object of a class of ours: a class attribute can be
 # replaced by anyone, a tuple's items cannot. Index names:
 DESTINATIONS, NAMES, RESOLVE, BROKER, REASON = range(5)
-Policy = Tuple[FrozenSet[Tuple[str, int]], FrozenSet[str], Tuple[Tuple[str, int], ...], str, Optional[str]]
 
 
 def make_policy(
@@ -374,6 +384,8 @@ def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Cal
         _reverse=REVERSE_EVENTS,
         _tamper=TAMPER_EVENTS,
         _trace=TRACE_EVENTS,
+        _env=ENV_EVENTS,
+        _exact=_exact_str,
         _families=ALLOWED_FAMILIES,
         _inet=(AF_INET, AF_INET6),
         _raw=(SOCK_RAW, SOCK_PACKET),
@@ -427,6 +439,13 @@ def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Cal
                 if "__cantrace__" in item.__dict__:
                     raise _permission("AgenShield: tracing the network guard is not allowed")
             return
+        elif event in _env:
+            name = _exact(args[0])
+            if name is not None and name.startswith("AGENSHIELD_"):
+                raise _permission(
+                    "AgenShield: %s cannot be changed inside a guarded interpreter" % (_display(name),)
+                )
+            return
         else:
             return
         message = _message(target, _policy[3])
@@ -467,26 +486,36 @@ def seal(hook: Callable[..., None]) -> Callable[[str, Tuple[Any, ...]], None]:
     there is no such built-in; there the hook refuses ``sys.settrace``/``sys.setprofile``
     while one of its functions carries ``__cantrace__`` (weaker: see the README).
     """
-    import types
+    import _operator
 
     defaults = hook.__defaults__ or ()
     hook.__defaults__ = defaults[:-1] + ((hook,) + PROTECTED_HELPERS,)
-    call = getattr(operator, "call", None)
+    call = getattr(_operator, "call", None)
     if call is not None and type(call) is type(len):
-        return types.MethodType(call, hook)
+        return _MethodType(call, hook)  # type: ignore[no-any-return]
     return hook
+
+
+class _Bound:
+    def method(self) -> None:
+        pass
+
+
+_MethodType = type(_Bound().method)  # types.MethodType, without importing types at start
 
 
 # -- installed state --------------------------------------------------------------------------
 
 _active: Optional[Policy] = None
+_installs = 0  # how many hooks this interpreter got from us: the boot's idempotence is tested on it
 
 
 def install(policy: Policy, report: Callable[[str, str, Policy], None]) -> None:
     """Add the audit hook for this policy (there is no way to take it back)."""
-    global _active
+    global _active, _installs
     sys.addaudithook(seal(make_hook(policy, report)))
     _active = policy
+    _installs += 1
 
 
 def active_policy() -> Optional[Policy]:

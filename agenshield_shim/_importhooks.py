@@ -15,10 +15,15 @@ Hooks are named as ``"package.module:function"`` strings so a hook's own module
 is imported only when its library is.
 """
 
-import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+from __future__ import annotations
 
-Hook = Union[str, Callable[[Any], None]]
+import sys
+
+TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+
+    Hook = Union[str, Callable[[Any], None]]
 
 _hooks: Dict[str, List[Hook]] = {}
 _searching: Set[str] = set()

@@ -7,13 +7,16 @@ logging handler that sends over the network would be refused, and report
 that refusal, and so on), hence the per-thread re-entry flag.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
 
+TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
 if TYPE_CHECKING:  # pragma: no cover
     import logging
+    from typing import Any, Dict, Optional
 
 LOGGER_NAME = "agenshield_shim"
 _LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
@@ -65,8 +68,11 @@ def report_block(event: str, target: str, policy: Any) -> None:
             return
         _local.busy = True
     try:
-        broker = policy[3]
-        get_logger().warning("direct connection to %s blocked (%s); use the broker at %s", target, event, broker)
+        broker, reason = policy[3], policy[4]
+        if reason is None:
+            get_logger().warning("direct connection to %s blocked (%s); use the broker at %s", target, event, broker)
+        else:
+            get_logger().warning("network blocked (%s): %s refused (%s)", reason, target, event)
         if _settings["audit_log"]:
             _append_audit(event, target, broker, policy[4])
     finally:

@@ -1,0 +1,225 @@
+"""Integration fixtures: the wheel built once, a fresh virtual environment per Python, real listeners.
+
+Every test here runs a real interpreter with the wheel installed, as a user
+would have it, and proves a refusal by a listener that received nothing.
+"""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import venv
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUPPORTED = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+
+
+def _find_pythons() -> Dict[str, str]:
+    """One interpreter per supported minor version: pyenv's, or AGENSHIELD_TEST_PYTHONS (paths, os.pathsep)."""
+    found: Dict[str, str] = {}
+    explicit = os.environ.get("AGENSHIELD_TEST_PYTHONS")
+    candidates: List[str] = explicit.split(os.pathsep) if explicit else []
+    if not explicit:
+        root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+        for minor in SUPPORTED:
+            candidates += sorted(glob.glob(os.path.join(root, "versions", minor + ".*", "bin", "python" + minor)))
+        candidates.append(sys.executable)
+    for path in candidates:
+        try:
+            out = subprocess.run(
+                [path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out in SUPPORTED and out not in found:
+            found[out] = path
+    return found
+
+
+PYTHONS = _find_pythons()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "shim" in metafunc.fixturenames:
+        versions = sorted(PYTHONS, key=lambda v: tuple(map(int, v.split("."))))
+        metafunc.parametrize("shim", versions, indirect=True, ids=["py" + v for v in versions])
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("CI") and set(PYTHONS) != set(SUPPORTED):
+        missing = sorted(set(SUPPORTED) - set(PYTHONS))
+        raise pytest.UsageError("integration tests need every supported Python; missing: %s" % missing)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built from this checkout once per test session."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = tmp_path_factory.mktemp("build")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True, cwd=str(build),
+    )
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    (wheel_path,) = out.glob("agenshield_shim-*-py3-none-any.whl")
+    return wheel_path
+
+
+class ShimEnv:
+    """A virtual environment of one Python version with the wheel installed."""
+
+    def __init__(self, version: str, root: Path) -> None:
+        self.version = version
+        self.root = root
+        self.python = str(root / "bin" / "python")
+        self.site_packages = Path(
+            subprocess.run(
+                [self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                env=clean_env(AGENSHIELD_ENABLED="false"), capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        )
+
+    def run(
+        self, code: str, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60,
+        cwd: Optional[str] = None, python_args: Tuple[str, ...] = (),
+    ) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(
+            [self.python, *python_args, "-c", code, *args],
+            env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        )
+
+    def pip(self, *args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(
+            [self.python, "-m", "pip", "--disable-pip-version-check", "--no-input", *args],
+            env=clean_env(), capture_output=True, text=True, timeout=300,
+        )
+
+
+def clean_env(**extra: str) -> Dict[str, str]:
+    """The test runner's environment without any AGENSHIELD_* or PYTHON* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENSHIELD_", "PYTHON", "PIP_"))}
+    env.update(extra)
+    return env
+
+
+def make_venv(python: str, target: Path) -> None:
+    subprocess.run([python, "-m", "venv", str(target)], check=True, env=clean_env(), timeout=300)
+
+
+@pytest.fixture(scope="session")
+def _envs(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Dict[str, ShimEnv]:
+    return {}
+
+
+@pytest.fixture
+def shim(request: pytest.FixtureRequest, _envs: Dict[str, ShimEnv], wheel: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> ShimEnv:
+    """The shared, shim-installed virtual environment for the test's Python version (read-only use)."""
+    version = request.param
+    if version not in _envs:
+        root = tmp_path_factory.mktemp("venv-" + version)
+        make_venv(PYTHONS[version], root)
+        env = ShimEnv(version, root)
+        result = env.pip("install", "--no-index", str(wheel))
+        assert result.returncode == 0, result.stderr
+        _envs[version] = env
+    return _envs[version]
+
+
+@pytest.fixture
+def fresh_shim(shim: ShimEnv, wheel: Path, tmp_path: Path) -> ShimEnv:
+    """A private copy for tests that change the installation (break it, uninstall it)."""
+    make_venv(PYTHONS[shim.version], tmp_path / "venv")
+    env = ShimEnv(shim.version, tmp_path / "venv")
+    result = env.pip("install", "--no-index", str(wheel))
+    assert result.returncode == 0, result.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
+def bare_pythons(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, ShimEnv]:
+    return {}
+
+
+@pytest.fixture
+def bare(shim: ShimEnv, bare_pythons: Dict[str, ShimEnv], tmp_path_factory: pytest.TempPathFactory) -> ShimEnv:
+    """A virtual environment of the same Python without the shim, to compare against."""
+    if shim.version not in bare_pythons:
+        root = tmp_path_factory.mktemp("bare-" + shim.version)
+        make_venv(PYTHONS[shim.version], root)
+        bare_pythons[shim.version] = ShimEnv(shim.version, root)
+    return bare_pythons[shim.version]
+
+
+class Listener:
+    """A TCP or UDP server on a loopback address that counts what reaches it."""
+
+    def __init__(self, host: str, kind: int = socket.SOCK_STREAM) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, kind)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        self.kind = kind
+        self.hits = 0
+        self._stop = threading.Event()
+        if kind == socket.SOCK_STREAM:
+            self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.kind == socket.SOCK_STREAM:
+                    conn, _ = self.sock.accept()
+                    self.hits += 1
+                    conn.close()
+                else:
+                    self.sock.recvfrom(65536)
+                    self.hits += 1
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def settle(self) -> int:
+        """Wait out anything in flight, then report the count."""
+        threading.Event().wait(0.3)
+        return self.hits
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def tcp_listener() -> Iterator[Listener]:
+    listener = Listener("127.0.0.2")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def tcp6_listener() -> Iterator[Listener]:
+    listener = Listener("::1")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def udp_listener() -> Iterator[Listener]:
+    listener = Listener("127.0.0.2", socket.SOCK_DGRAM)
+    yield listener
+    listener.close()
