@@ -7,8 +7,6 @@ a guard that blocks everything, which is the only safe reading of a
 configuration nobody can vouch for.
 """
 
-from __future__ import annotations
-
 import os
 
 TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
@@ -26,6 +24,17 @@ ENV_LOG_LEVEL = "AGENSHIELD_LOG_LEVEL"
 ENV_ALLOW = "AGENSHIELD_ALLOW"
 ENV_AUDIT_LOG = "AGENSHIELD_AUDIT_LOG"
 ENV_TRANSPORT = "AGENSHIELD_TRANSPORT"
+#: Every variable the shim reads (the boot checks this list to skip parsing when none is set).
+VARIABLES = (
+    ENV_ENABLED,
+    ENV_BROKER_HOST,
+    ENV_BROKER_PORT,
+    ENV_BROKER_SOCKET,
+    ENV_LOG_LEVEL,
+    ENV_ALLOW,
+    ENV_AUDIT_LOG,
+    ENV_TRANSPORT,
+)
 
 DEFAULT_BROKER_HOST = "localhost"
 DEFAULT_BROKER_PORT = 6969
@@ -59,10 +68,10 @@ class Config:
         enabled: bool = True,
         broker_host: str = DEFAULT_BROKER_HOST,
         broker_port: int = DEFAULT_BROKER_PORT,
-        broker_socket: Optional[str] = None,
+        broker_socket: "Optional[str]" = None,
         log_level: str = "warn",
-        allow: Tuple[Destination, ...] = (),
-        audit_log: Optional[str] = None,
+        allow: "Tuple[Destination, ...]" = (),
+        audit_log: "Optional[str]" = None,
         transport: str = "tunnel",
     ) -> None:
         self.enabled = enabled
@@ -77,6 +86,8 @@ class Config:
     @property
     def broker(self) -> str:
         """The broker's address as people write it, for messages."""
+        from ._guard import format_destination
+
         return format_destination(self.broker_host, self.broker_port)
 
     def __repr__(self) -> str:
@@ -84,20 +95,13 @@ class Config:
         return "Config(%s)" % fields
 
 
-def format_destination(host: str, port: Optional[int]) -> str:
-    """``host:port``, with brackets around IPv6 literals so the port stays readable."""
-    if ":" in host:
-        host = "[%s]" % host
-    return host if port is None else "%s:%s" % (host, port)
-
-
-def is_disabled(environ: Mapping[str, str]) -> bool:
+def is_disabled(environ: "Mapping[str, str]") -> bool:
     """True only for an explicit, well-formed 'off' value; cheap enough for every start."""
     value = environ.get(ENV_ENABLED)
     return value is not None and value.strip().lower() in _FALSE
 
 
-def load(environ: Optional[Mapping[str, str]] = None) -> Config:
+def load(environ: "Optional[Mapping[str, str]]" = None) -> "Config":
     """Read the configuration; raise :class:`ShimConfigError` naming the variable at fault."""
     env = os.environ if environ is None else environ
     enabled = _parse_bool(env, ENV_ENABLED, True)
@@ -122,7 +126,7 @@ def load(environ: Optional[Mapping[str, str]] = None) -> Config:
     return Config(enabled, host, port, socket_path, log_level, allow, audit_log, transport)
 
 
-def parse_allow(text: str) -> Tuple[Destination, ...]:
+def parse_allow(text: str) -> "Tuple[Destination, ...]":
     """Parse ``host:port[,host:port...]`` (``[v6]:port`` for IPv6 literals).
 
     A port is required: an allow-list entry opens one service, never a whole host.
@@ -148,7 +152,7 @@ def parse_allow(text: str) -> Tuple[Destination, ...]:
     return tuple(entries)
 
 
-def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+def _parse_bool(env: "Mapping[str, str]", name: str, default: bool) -> bool:
     value = env.get(name)
     if value is None:
         return default
@@ -181,7 +185,7 @@ def _parse_host(text: str, name: str) -> str:
     return host
 
 
-def _parse_path(value: Optional[str], name: str) -> Optional[str]:
+def _parse_path(value: "Optional[str]", name: str) -> "Optional[str]":
     if value is None or value == "":
         return None
     if "\x00" in value or not os.path.isabs(value):

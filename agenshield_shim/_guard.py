@@ -14,13 +14,12 @@ Replacing ``__code__`` or ``__defaults__`` of any of them raises an audit event
 that the hook itself refuses. They never call into objects the caller made
 (a ``str`` subclass with a lying ``__eq__``, an ``int`` with a changing
 ``__index__``): the address is copied through the base types' own C slots
-first, and anything that cannot be copied that way is refused. On CPython
-3.11+ the hook is registered behind ``operator.call`` so that a ``__cantrace__``
+first, and anything that cannot be copied that way is refused. The hook is
+registered as its ``__call__`` method-wrapper, so that a ``__cantrace__``
 attribute planted on it cannot switch tracing on inside it (a tracer could
-otherwise jump over the ``raise``). Tests check all of this (tests/test_guard.py).
+otherwise jump over the ``raise``; see ``seal``). Tests check all of this
+(tests/test_guard.py, tests/integration/test_guard_paths.py).
 """
-
-from __future__ import annotations
 
 import sys
 
@@ -30,8 +29,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
     Policy = Tuple[FrozenSet[Tuple[str, int]], FrozenSet[str], Tuple[Tuple[str, int], ...], str, Optional[str]]
 
-from ._config import Config, format_destination
-from ._errors import NetworkBlockedError, blocked_message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._config import Config
+from . import NetworkBlockedError
+
+def format_destination(host: str, port: "Optional[object]") -> str:
+    """``host:port``, with brackets around IPv6 literals so the port stays readable."""
+    if ":" in host:
+        host = "[%s]" % host
+    return host if port is None else "%s:%s" % (host, port)
+
+
+def blocked_message(destination: str, broker: str) -> str:
+    """The one wording users see, from the guard and from every hook."""
+    return "AgenShield: direct connection to %s blocked; use the broker at %s" % (destination, broker)
+
 
 # -- constants ------------------------------------------------------------------------------
 
@@ -54,7 +67,6 @@ CONNECT_EVENTS = frozenset(("socket.connect", "socket.sendto", "socket.sendmsg")
 NAME_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname"))
 REVERSE_EVENTS = frozenset(("socket.gethostbyaddr", "socket.getnameinfo"))
 TAMPER_EVENTS = frozenset(("object.__setattr__", "object.__delattr__"))
-TRACE_EVENTS = frozenset(("sys.settrace", "sys.setprofile"))
 # os.environ changes reach subinterpreters, multiprocessing and every child that inherits the
 # environment, so the shim's own variables are frozen for the life of a guarded interpreter.
 ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
@@ -63,7 +75,6 @@ WATCHED_EVENTS = (
     | NAME_EVENTS
     | REVERSE_EVENTS
     | TAMPER_EVENTS
-    | TRACE_EVENTS
     | ENV_EVENTS
     | frozenset(("socket.__new__",))
 )
@@ -89,7 +100,7 @@ _tuple_get = tuple.__getitem__
 # not something we can compare safely (then it is refused).
 
 
-def _parse_v4(text: Any, _len=len, _int=int, _digits=_DIGITS, _frozenset=frozenset) -> Any:
+def _parse_v4(text: "Any", _len=len, _int=int, _digits=_DIGITS, _frozenset=frozenset) -> "Any":
     parts = text.split(".")
     if _len(parts) != 4:
         return None
@@ -106,8 +117,8 @@ def _parse_v4(text: Any, _len=len, _int=int, _digits=_DIGITS, _frozenset=frozens
 
 
 def _parse_v6(
-    text: Any, _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4, _range=range
-) -> Any:
+    text: "Any", _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4, _range=range
+) -> "Any":
     if "%" in text or text.count("::") > 1:
         return None
     tail = []
@@ -141,7 +152,7 @@ def _parse_v6(
 
 
 def _canon_text(
-    text: Any,
+    text: "Any",
     _len=len,
     _v4=_parse_v4,
     _v6=_parse_v6,
@@ -150,7 +161,7 @@ def _canon_text(
     _max=_MAX_HOST,
     _str=str,
     _hexfmt="%x",
-) -> Optional[str]:
+) -> "Optional[str]":
     """Canonical form of an exact ``str`` host, or None."""
     host = text.lower()
     if _len(host) > _max + 2 or not host:
@@ -176,8 +187,15 @@ def _canon_text(
 
 
 def _exact_str(
-    value: Any, _type=type, _str=str, _bytes=bytes, _copy=_str_copy, _decode=_bytes_decode
-) -> Optional[str]:
+    value: "Any",
+    _type=type,
+    _str=str,
+    _bytes=bytes,
+    _copy=_str_copy,
+    _decode=_bytes_decode,
+    TypeError=TypeError,  # noqa: N803 - bound here, so a replaced builtins.TypeError changes nothing
+    UnicodeDecodeError=UnicodeDecodeError,  # noqa: N803
+) -> "Optional[str]":
     """An exact str copy of a str/bytes host, read through the base type's C code, or None."""
     kind = _type(value)
     if kind is _str:
@@ -197,7 +215,7 @@ def _exact_str(
         return None  # bytearray (mutable: could change under us), or anything else
 
 
-def canonical_host(value: Any, _exact=_exact_str, _canon=_canon_text) -> Optional[str]:
+def canonical_host(value: "Any", _exact=_exact_str, _canon=_canon_text) -> "Optional[str]":
     """Canonical form of a host as passed to the socket API, or None if it cannot be trusted."""
     text = _exact(value)
     if text is None:
@@ -205,7 +223,7 @@ def canonical_host(value: Any, _exact=_exact_str, _canon=_canon_text) -> Optiona
     return _canon(text)
 
 
-def _exact_port(value: Any, _type=type, _int=int, _copy=_int_copy) -> Optional[int]:
+def _exact_port(value: "Any", _type=type, _int=int, _copy=_int_copy, TypeError=TypeError) -> "Optional[int]":  # noqa: N803
     if _type(value) is _int:
         return value  # type: ignore[no-any-return]
     try:
@@ -214,7 +232,7 @@ def _exact_port(value: Any, _type=type, _int=int, _copy=_int_copy) -> Optional[i
         return None  # objects with their own __index__ could answer differently twice
 
 
-def _display(value: Any, _exact=_exact_str, _port=_exact_port, _repr=repr) -> str:
+def _display(value: "Any", _exact=_exact_str, _port=_exact_port, _repr=repr) -> str:
     """A safe text for messages: never calls the caller's __str__ or __repr__."""
     number = _port(value)
     if number is not None:
@@ -236,12 +254,12 @@ DESTINATIONS, NAMES, RESOLVE, BROKER, REASON = range(5)
 
 
 def make_policy(
-    destinations: FrozenSet[Tuple[str, int]],
-    names: FrozenSet[str],
-    resolve: Tuple[Tuple[str, int], ...],
+    destinations: "FrozenSet[Tuple[str, int]]",
+    names: "FrozenSet[str]",
+    resolve: "Tuple[Tuple[str, int], ...]",
     broker: str,
-    reason: Optional[str] = None,
-) -> Policy:
+    reason: "Optional[str]" = None,
+) -> "Policy":
     """``destinations``: (canonical host, port) pairs reachable directly; ``names``: canonical
     "name:..." hosts that may be resolved; ``resolve``: (dns name, port) entries allowed by
     name, so resolved when a connection's port matches; ``broker``: for messages; ``reason``:
@@ -249,13 +267,17 @@ def make_policy(
     return (destinations, names, resolve, broker, reason)
 
 
-def policy_from_config(config: Config) -> Policy:
-    """Turn the configuration into canonical allow sets.
+def policy_from_config(config: "Config") -> "Policy":
+    return policy_for(config.broker_host, config.broker_port, config.allow)
+
+
+def policy_for(broker_host: str, broker_port: int, allow: "Tuple[Tuple[str, int], ...]" = ()) -> "Policy":
+    """Turn the broker's address and the allow-list into canonical allow sets.
 
     The broker's host and ``localhost``, ``127.0.0.1`` and ``::1`` are one host when the
     broker is on loopback, whichever spelling the client uses.
     """
-    entries = [(config.broker_host, config.broker_port)] + list(config.allow)
+    entries = [(broker_host, broker_port)] + list(allow)
     destinations = set()
     names = set()
     resolve = []
@@ -270,10 +292,11 @@ def policy_from_config(config: Config) -> Policy:
                 names.add(alias)
         if canon.startswith("name:") and canon not in LOOPBACK_ALIASES:
             resolve.append((canon[5:], port))
-    return make_policy(frozenset(destinations), frozenset(names), tuple(resolve), config.broker)
+    broker = format_destination(broker_host, broker_port)
+    return make_policy(frozenset(destinations), frozenset(names), tuple(resolve), broker)
 
 
-def block_all_policy(broker: str, reason: str) -> Policy:
+def block_all_policy(broker: str, reason: str) -> "Policy":
     return make_policy(frozenset(), frozenset(), (), broker, reason)
 
 
@@ -283,12 +306,13 @@ def block_all_policy(broker: str, reason: str) -> Policy:
 def _resolves_to(
     canon: str,
     port: int,
-    resolve: Tuple[Tuple[str, int], ...],
+    resolve: "Tuple[Tuple[str, int], ...]",
     _sys=sys,
     _canon=_canon_text,
     _type=type,
     _builtin=type(len),
     _module=type(sys),
+    OSError=OSError,  # noqa: N803
 ) -> bool:
     """Is this IP one that an allowed *name* (with this port) resolves to?
 
@@ -317,9 +341,9 @@ def _resolves_to(
 
 
 def decide_destination(
-    host: Any,
-    port: Any,
-    policy: Policy,
+    host: "Any",
+    port: "Any",
+    policy: "Policy",
     _canonical=canonical_host,
     _port=_exact_port,
     _resolves=_resolves_to,
@@ -336,7 +360,7 @@ def decide_destination(
     return False
 
 
-def decide_name(host: Any, policy: Policy, _canonical=canonical_host) -> bool:
+def decide_name(host: "Any", policy: "Policy", _canonical=canonical_host) -> bool:
     """May this name be resolved? IP literals need no DNS; None is the local host."""
     if host is None:
         return True
@@ -346,7 +370,7 @@ def decide_name(host: Any, policy: Policy, _canonical=canonical_host) -> bool:
     return not canon.startswith("name:") or canon in policy[1]
 
 
-def decide_reverse(host: Any, policy: Policy, _canonical=canonical_host, _loop=LOOPBACK_ALIASES) -> bool:
+def decide_reverse(host: "Any", policy: "Policy", _canonical=canonical_host, _loop=LOOPBACK_ALIASES) -> bool:
     """May this address be looked up in reverse? Only loopback: anything else asks a DNS server."""
     canon = _canonical(host)
     if canon is None:
@@ -354,7 +378,7 @@ def decide_reverse(host: Any, policy: Policy, _canonical=canonical_host, _loop=L
     return canon in _loop or canon in policy[1] or canon.startswith("127.")
 
 
-def _address_parts(address: Any, _len=_tuple_len, _get=_tuple_get) -> Any:
+def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=TypeError) -> "Any":  # noqa: N803
     """(host, port) of an AF_INET/AF_INET6 address tuple; None for any other address.
 
     The socket C code only accepts a tuple for AF_INET and AF_INET6, and it has already
@@ -372,18 +396,23 @@ def _address_parts(address: Any, _len=_tuple_len, _get=_tuple_get) -> Any:
 # -- the hook -------------------------------------------------------------------------------
 
 
-def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Callable[[str, Tuple[Any, ...]], None]:
-    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored)."""
+def make_hook(
+    policy: "Policy", report: "Callable[[str, str, Policy], None]"
+) -> "Callable[[str, Tuple[Any, ...]], None]":
+    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored).
 
-    def audit_hook(
+    The hook is two functions: ``audit_hook`` sees every audit event of the interpreter
+    (every ``open``, every import), so it does one set lookup and carries two defaults;
+    ``judge`` runs for the few events that matter.
+    """
+
+    def judge(
         event: str,
-        args: Tuple[Any, ...],
-        _watched=WATCHED_EVENTS,
+        args: "Tuple[Any, ...]",
         _connect=CONNECT_EVENTS,
         _names=NAME_EVENTS,
         _reverse=REVERSE_EVENTS,
         _tamper=TAMPER_EVENTS,
-        _trace=TRACE_EVENTS,
         _env=ENV_EVENTS,
         _exact=_exact_str,
         _families=ALLOWED_FAMILIES,
@@ -403,8 +432,6 @@ def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Cal
         _base=BaseException,
         _protected=(),
     ) -> None:
-        if event not in _watched:
-            return
         target = None
         if event in _connect:
             parts = _parts(args[1])
@@ -434,11 +461,6 @@ def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Cal
                 if item is args[0]:
                     raise _permission("AgenShield: the network guard cannot be modified")
             return
-        elif event in _trace:
-            for item in _protected:
-                if "__cantrace__" in item.__dict__:
-                    raise _permission("AgenShield: tracing the network guard is not allowed")
-            return
         elif event in _env:
             name = _exact(args[0])
             if name is not None and name.startswith("AGENSHIELD_"):
@@ -457,6 +479,12 @@ def make_hook(policy: Policy, report: Callable[[str, str, Policy], None]) -> Cal
             pass
         raise _error(message, target, _policy[3])
 
+    def audit_hook(event: str, args: "Tuple[Any, ...]", _watched=WATCHED_EVENTS, _judge=judge) -> None:
+        if event in _watched:
+            _judge(event, args)
+
+    protected = (audit_hook, judge) + PROTECTED_HELPERS
+    judge.__defaults__ = (judge.__defaults__ or ())[:-1] + (protected,)
     return audit_hook
 
 
@@ -478,39 +506,28 @@ PROTECTED_HELPERS = (
 )
 
 
-def seal(hook: Callable[..., None]) -> Callable[[str, Tuple[Any, ...]], None]:
-    """Bind the protected set into the hook and wrap it so it runs untraced.
+def seal(hook: "Callable[..., None]") -> "Callable[[str, Tuple[Any, ...]], None]":
+    """What to register: the function's ``__call__`` method-wrapper, not the function.
 
-    ``MethodType(operator.call, hook)`` looks up ``__cantrace__`` on ``operator.call``, a
-    built-in with no ``__dict__``, so tracing stays off while the hook runs. Before 3.11
-    there is no such built-in; there the hook refuses ``sys.settrace``/``sys.setprofile``
-    while one of its functions carries ``__cantrace__`` (weaker: see the README).
+    CPython runs audit hooks with tracing off unless the hook has a true
+    ``__cantrace__`` attribute, and it looks that attribute up on the object
+    registered. A function's ``__dict__`` takes any attribute, so anyone could
+    plant ``__cantrace__`` and have a tracer jump over the ``raise``. A
+    method-wrapper has no ``__dict__`` and does not forward attribute lookups to
+    the function it wraps, so nothing can be planted, on every CPython we support;
+    and its attribute lookup is the generic one (no AttributeError raised per
+    event, which ``types.MethodType`` would cost).
     """
-    import _operator
-
-    defaults = hook.__defaults__ or ()
-    hook.__defaults__ = defaults[:-1] + ((hook,) + PROTECTED_HELPERS,)
-    call = getattr(_operator, "call", None)
-    if call is not None and type(call) is type(len):
-        return _MethodType(call, hook)  # type: ignore[no-any-return]
-    return hook
-
-
-class _Bound:
-    def method(self) -> None:
-        pass
-
-
-_MethodType = type(_Bound().method)  # types.MethodType, without importing types at start
+    return hook.__call__  # type: ignore[no-any-return]
 
 
 # -- installed state --------------------------------------------------------------------------
 
-_active: Optional[Policy] = None
+_active: "Optional[Policy]" = None
 _installs = 0  # how many hooks this interpreter got from us: the boot's idempotence is tested on it
 
 
-def install(policy: Policy, report: Callable[[str, str, Policy], None]) -> None:
+def install(policy: "Policy", report: "Callable[[str, str, Policy], None]") -> None:
     """Add the audit hook for this policy (there is no way to take it back)."""
     global _active, _installs
     sys.addaudithook(seal(make_hook(policy, report)))
@@ -518,11 +535,11 @@ def install(policy: Policy, report: Callable[[str, str, Policy], None]) -> None:
     _installs += 1
 
 
-def active_policy() -> Optional[Policy]:
+def active_policy() -> "Optional[Policy]":
     return _active
 
 
-def check_destination(host: Any, port: Any) -> None:
+def check_destination(host: "Any", port: "Any") -> None:
     """Refuse (host, port) early, with the guard's own decision and message.
 
     For the library hooks: the audit hook would refuse the connection anyway, but

@@ -2,11 +2,6 @@
 
 Every hook module has the same small shape: ``TARGET`` (the module whose import
 triggers it) and ``install(module)``, with what it patches named at the top.
+The table of hooks lives in ``agenshield_shim._boot.HOOKS``, so that reading it
+costs no extra module at start.
 """
-
-from typing import Tuple
-
-#: (module that triggers the hook, "hook module:function"), in the order they are registered.
-HOOKS: Tuple[Tuple[str, str], ...] = (
-    ("socket", "agenshield_shim.hooks.socket:install"),
-)

@@ -128,7 +128,7 @@ def test_boot_is_idempotent(shim: ShimEnv) -> None:
     code = textwrap.dedent(
         """
         import site, sys
-        from agenshield_shim import _guard, _importhooks
+        from agenshield_shim import _guard, _boot as _importhooks
         site.addsitedir(sys.argv[1])  # runs every .pth line of site-packages again
         site.addsitedir(sys.argv[1])
         print(_guard._installs, sum(isinstance(f, _importhooks.PostImportFinder) for f in sys.meta_path))

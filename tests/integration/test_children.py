@@ -113,9 +113,18 @@ TRACE_ATTACK = textwrap.dedent(
     """
     import gc, inspect, socket, sys
     HOST, PORT = sys.argv[1], int(sys.argv[2])
-    hook = next(o for o in gc.get_objects() if inspect.isfunction(o) and o.__name__ == "audit_hook")
-    lines, start = inspect.getsourcelines(hook)
-    first_return = start + next(i for i, l in enumerate(lines) if l.strip() == "return")
+    if sys.argv[4] == "control":  # an unsealed hook of the same shape, to show the attack works
+        exec(compile("def judge(event, args):\\n    if event != 'socket.connect':\\n        return\\n"
+                     "    raise ConnectionRefusedError('toy guard')\\n", __file__, "exec"))
+        sys.addaudithook(judge)
+    hook = next(o for o in gc.get_objects() if inspect.isfunction(o) and o.__name__ == "judge")
+    import dis
+    line, first_return = None, None
+    for ins in dis.get_instructions(hook.__code__):
+        starts = getattr(ins, "line_number", None) or (None if isinstance(ins.starts_line, bool) else ins.starts_line)
+        line = starts or line
+        if ins.opname in ("RETURN_VALUE", "RETURN_CONST") and first_return is None:
+            first_return = line
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno < first_return:
             frame.f_lineno = first_return  # jump over the decision
@@ -142,14 +151,26 @@ TRACE_ATTACK = textwrap.dedent(
 )
 
 
+def test_the_tracer_attack_defeats_an_unsealed_hook(shim: ShimEnv, tcp_listener: Listener, tmp_path) -> None:
+    script = tmp_path / "attack.py"
+    script.write_text(TRACE_ATTACK)
+    result = shim.run(
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        str(script), tcp_listener.host, str(tcp_listener.port), "plant,trace", "control",
+        env={"AGENSHIELD_ENABLED": "false"},
+    )
+    assert "PLANTED" in result.stdout and "CONNECTED" in result.stdout, result.stdout + result.stderr
+    assert tcp_listener.settle() == 1
+
+
 @pytest.mark.parametrize("order", ["plant,trace", "trace,plant"])
-def test_a_tracer_cannot_jump_over_the_guard(shim: ShimEnv, tcp_listener: Listener, order: str) -> None:
-    result = shim.run(TRACE_ATTACK, tcp_listener.host, str(tcp_listener.port), order)
-    version = tuple(map(int, shim.version.split(".")))
-    if version < (3, 11) and order == "trace,plant":
-        # Known gap, documented in the README: before 3.11 there is no built-in that can carry the
-        # hook untraced, so a tracer installed *before* __cantrace__ is planted gets through.
-        assert "CONNECTED" in result.stdout, result.stdout + result.stderr
-        return
+def test_a_tracer_cannot_jump_over_the_guard(shim: ShimEnv, tcp_listener: Listener, order: str, tmp_path) -> None:
+    script = tmp_path / "attack.py"
+    script.write_text(TRACE_ATTACK)
+    result = shim.run(
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        str(script), tcp_listener.host, str(tcp_listener.port), order, "shim",
+    )
     assert "BLOCKED NetworkBlockedError" in result.stdout, result.stdout + result.stderr
+    assert "TRACING" in result.stdout  # tracing itself stays allowed (debuggers, coverage)
     assert tcp_listener.settle() == 0

@@ -1,0 +1,105 @@
+"""Start-up cost of the shim, and the guard's cost on events that are not network events.
+
+Usage: python benchmarks/startup.py [--python PATH] [--runs N]
+
+Everything is measured side by side in one run, interleaved, so the machine's
+noise falls on every column alike; the figures that matter are the ratios.
+
+1. ``python -c pass`` in a virtual environment without the shim, with it
+   enabled, and with ``AGENSHIELD_ENABLED=false`` (budget: enabled <= 1.10x,
+   disabled <= 1.02x the bare interpreter).
+2. The audit hook's cost on non-network events, in-process: 100,000 ``open()``
+   calls, and importing a large set of standard-library packages in a fresh
+   interpreter (budget: <= 1.05x).
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venvs import build_wheel, clean_env, make_venv  # noqa: E402
+
+OPEN_LOOP = """
+import os, sys, time
+path = sys.argv[1]
+t = time.perf_counter()
+for _ in range(100_000):
+    open(path, "rb").close()
+print(time.perf_counter() - t)
+"""
+
+BIG_IMPORT = """
+import time
+t = time.perf_counter()
+import asyncio, email.mime.multipart, http.client, json, decimal, unittest, xml.etree.ElementTree, logging.handlers
+import urllib.request, concurrent.futures, sqlite3, argparse, tarfile, zipfile, csv, difflib, pydoc
+print(time.perf_counter() - t)
+"""
+
+
+def wall(cmd: List[str], env: Dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def inner(cmd: List[str], env: Dict[str, str]) -> float:
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--runs", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        wheel = build_wheel(tmp / "wheel")
+        bare = make_venv(args.python, tmp / "bare")
+        shim = make_venv(args.python, tmp / "shim", wheel)
+        target = tmp / "file.bin"
+        target.write_bytes(b"x")
+        on, off = clean_env(), clean_env(AGENSHIELD_ENABLED="false")
+        columns = {
+            "bare": ([bare, "-c", "pass"], on),
+            "shim enabled": ([shim, "-c", "pass"], on),
+            "shim disabled": ([shim, "-c", "pass"], off),
+        }
+        starts: Dict[str, List[float]] = {k: [] for k in columns}
+        for _ in range(3):  # warm the file cache
+            for cmd, env in columns.values():
+                wall(cmd, env)
+        for _ in range(args.runs):
+            for name, (cmd, env) in columns.items():
+                starts[name].append(wall(cmd, env))
+        guard: Dict[str, List[float]] = {k: [] for k in ("open bare", "open shim", "import bare", "import shim")}
+        for _ in range(max(5, args.runs // 4)):
+            guard["open bare"].append(inner([bare, "-c", OPEN_LOOP, str(target)], on))
+            guard["open shim"].append(inner([shim, "-c", OPEN_LOOP, str(target)], on))
+            guard["import bare"].append(inner([bare, "-c", BIG_IMPORT], on))
+            guard["import shim"].append(inner([shim, "-c", BIG_IMPORT], on))
+    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True).stdout.strip()
+    print("Python %s, %d interleaved runs" % (version, args.runs))
+    base = statistics.median(starts["bare"])
+    print("%-28s %10s %8s" % ("python -c pass", "median ms", "ratio"))
+    for name, values in starts.items():
+        median = statistics.median(values)
+        print("%-28s %10.2f %7.3fx" % (name, median * 1000, median / base))
+    print("%-28s %10s %8s" % ("guard on other events", "median ms", "ratio"))
+    for what in ("open", "import"):
+        b, s = statistics.median(guard[what + " bare"]), statistics.median(guard[what + " shim"])
+        label = "100,000 open() calls" if what == "open" else "large stdlib import"
+        print("%-28s %10.2f %7.3fx   (bare %.2f ms)" % (label, s * 1000, s / b, b * 1000))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

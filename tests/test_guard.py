@@ -1,0 +1,246 @@
+"""The guard's decision, called exactly as CPython calls the audit hook.
+
+These tests call the real hook function with the arguments CPython passes
+for each event; nothing is installed into the test runner's own interpreter
+(an audit hook cannot be removed).
+"""
+
+import dis
+import ipaddress
+import sys
+from typing import Any, Callable, List, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agenshield_shim import NetworkBlockedError, _guard
+from agenshield_shim._config import load
+
+
+def make(env: Any = None) -> Tuple[Callable[[str, Tuple[Any, ...]], None], List[Tuple[str, str]]]:
+    reports: List[Tuple[str, str]] = []
+    policy = _guard.policy_from_config(load(env or {}))
+    hook = _guard.seal(_guard.make_hook(policy, lambda event, target, policy: reports.append((event, target))))
+    return hook, reports
+
+
+def connect(hook: Callable[..., None], address: Any) -> None:
+    hook("socket.connect", (object(), address))
+
+
+def test_the_broker_and_its_loopback_spellings_pass() -> None:
+    hook, reports = make()
+    for host in ("localhost", "LOCALHOST.", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1", b"localhost"):
+        connect(hook, (host, 6969))
+    connect(hook, ("::1", 6969, 0, 0))
+    assert reports == []
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        ("example.com", 80),
+        ("localhost", 6970),
+        ("127.0.0.2", 6969),
+        ("127.1", 6969),  # inet_aton shorthand: refused rather than guessed
+        ("127.0.0.01", 6969),  # leading zero: octal for inet_aton
+        ("0.0.0.0", 6969),
+        ("", 6969),
+        ("::2", 6969),
+        ("fe80::1%lo", 6969),
+        (bytearray(b"localhost"), 6969),  # mutable: could change between the check and the use
+        ("localhost\x00.evil.com", 6969),
+    ],
+)
+def test_other_destinations_are_refused(address: Any) -> None:
+    hook, reports = make()
+    with pytest.raises(NetworkBlockedError) as info:
+        connect(hook, address)
+    assert "use the broker at localhost:6969" in str(info.value)
+    assert str(info.value).startswith("AgenShield: direct connection to ")
+    assert len(reports) == 1
+
+
+def test_message_names_destination_and_broker() -> None:
+    hook, _ = make({"AGENSHIELD_BROKER_PORT": "7000"})
+    with pytest.raises(NetworkBlockedError) as info:
+        connect(hook, ("example.com", 80))
+    assert str(info.value) == "AgenShield: direct connection to example.com:80 blocked; use the broker at localhost:7000"
+    assert info.value.destination == "example.com:80" and info.value.broker == "localhost:7000"
+    assert isinstance(info.value, ConnectionRefusedError) and info.value.errno == 111
+
+
+def test_unix_sockets_and_connected_sendmsg_pass() -> None:
+    hook, reports = make()
+    connect(hook, "/run/agenshield.sock")
+    connect(hook, b"\x00abstract")
+    hook("socket.sendmsg", (object(), None))
+    assert reports == []
+
+
+def test_lying_objects_are_never_called() -> None:
+    calls: List[str] = []
+
+    class Host(str):
+        def __eq__(self, other: object) -> bool:
+            calls.append("eq")
+            return True
+
+        def __hash__(self) -> int:
+            calls.append("hash")
+            return hash("localhost")
+
+        def lower(self) -> str:
+            calls.append("lower")
+            return "localhost"
+
+    class Port(int):
+        def __index__(self) -> int:
+            calls.append("index")
+            return 6969
+
+    class Address(tuple):  # type: ignore[type-arg]
+        def __getitem__(self, index: Any) -> Any:
+            calls.append("getitem")
+            return ("localhost", 6969)[index]
+
+        def __len__(self) -> int:
+            calls.append("len")
+            return 2
+
+    hook, _ = make()
+    for address in [(Host("example.com"), 6969), ("example.com", Port(80)), Address(("example.com", 80))]:
+        with pytest.raises(NetworkBlockedError):
+            connect(hook, address)
+    # a real subclass holding the broker's value is accepted, by its value, without calling it
+    connect(hook, (Host("localhost"), Port(6969)))
+    assert calls == []
+
+
+def test_port_objects_that_are_not_ints_are_refused() -> None:
+    class Index:
+        def __index__(self) -> int:
+            raise AssertionError("called")
+
+    hook, _ = make()
+    with pytest.raises(NetworkBlockedError):
+        connect(hook, ("localhost", Index()))
+
+
+def test_dns_rules() -> None:
+    hook, _ = make({"AGENSHIELD_ALLOW": "db.internal:5432"})
+    for args in [("localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), ("93.184.216.34", 80, 0, 0, 0), ("db.internal", 5432, 0, 0, 0)]:
+        hook("socket.getaddrinfo", args)
+    hook("socket.gethostbyname", ("localhost",))
+    hook("socket.gethostbyaddr", ("127.0.0.1",))
+    hook("socket.getnameinfo", (("127.0.0.1", 80),))
+    for event, args in [
+        ("socket.getaddrinfo", ("example.com", 443, 0, 0, 0)),
+        ("socket.getaddrinfo", (b"example.com", b"https", 0, 0, 0)),
+        ("socket.gethostbyname", ("example.com",)),
+        ("socket.gethostbyaddr", ("8.8.8.8",)),
+        ("socket.getnameinfo", (("8.8.8.8", 53),)),
+    ]:
+        with pytest.raises(NetworkBlockedError):
+            hook(event, args)
+
+
+def test_socket_families() -> None:
+    hook, _ = make()
+    for family, kind in [(_guard.AF_INET, 1), (_guard.AF_INET6, 2), (_guard.AF_UNIX, 1), (-1, -1), (_guard.AF_INET, 1 | 0o4000)]:
+        hook("socket.__new__", (object(), family, kind, 0))
+    for family, kind in [(17, 3), (_guard.AF_INET, 3), (_guard.AF_INET6, 3 | 0o2000000), (16, 3), (40, 1)]:
+        with pytest.raises(NetworkBlockedError):
+            hook("socket.__new__", (object(), family, kind, 0))
+
+
+def test_protected_functions_refuse_changes() -> None:
+    hook, _ = make()
+    raw = hook.__self__  # type: ignore[attr-defined]
+    judge = raw.__defaults__[1]
+    for target in (raw, judge) + _guard.PROTECTED_HELPERS:
+        for event in ("object.__setattr__", "object.__delattr__"):
+            with pytest.raises(PermissionError):
+                hook(event, (target, "__code__", None))
+    hook("object.__setattr__", (test_dns_rules, "__code__", None))  # other functions: not our business
+
+
+def test_shim_variables_are_frozen() -> None:
+    hook, _ = make()
+    for event, args in [("os.putenv", ("AGENSHIELD_ENABLED", "false")), ("os.unsetenv", (b"AGENSHIELD_ALLOW",))]:
+        with pytest.raises(PermissionError):
+            hook(event, args)
+    hook("os.putenv", ("PATH", "/usr/bin"))
+
+
+def test_block_all_policy_refuses_the_broker_too() -> None:
+    hook = _guard.seal(_guard.make_hook(_guard.block_all_policy("(unknown)", "invalid configuration: x"), lambda *a: None))
+    with pytest.raises(NetworkBlockedError) as info:
+        connect(hook, ("localhost", 6969))
+    assert "network blocked (invalid configuration: x)" in str(info.value)
+
+
+def test_unwatched_events_return_at_once() -> None:
+    hook, reports = make()
+    hook("open", ("/etc/passwd", "r", 0))
+    hook("socket.bind", (object(), ("0.0.0.0", 80)))
+    assert reports == []
+
+
+def test_hook_is_registered_as_a_method_wrapper_that_takes_no_attributes() -> None:
+    hook, _ = make()
+    assert type(hook).__name__ == "method-wrapper" and hook.__self__.__name__ == "audit_hook"  # type: ignore[attr-defined]
+    hook.__self__.__cantrace__ = True  # type: ignore[attr-defined]  # planted on the function: not looked at
+    assert not hasattr(hook, "__cantrace__")
+    with pytest.raises(AttributeError):
+        hook.__cantrace__ = True  # type: ignore[attr-defined]
+
+
+def _global_loads(function: Any) -> List[str]:
+    names: List[str] = []
+    codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if hasattr(c, "co_code"))
+        names += [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+    return names
+
+
+def test_protected_functions_read_no_globals() -> None:
+    hook, _ = make()
+    raw = hook.__self__  # type: ignore[attr-defined]
+    for function in (raw, raw.__defaults__[1]) + _guard.PROTECTED_HELPERS:
+        assert _global_loads(function) == [], function.__name__
+
+
+# -- canonical forms, against the standard library's ipaddress ----------------------------
+
+
+@settings(max_examples=300)
+@given(st.ip_addresses(v=4))
+def test_ipv4_canonical_form(address: ipaddress.IPv4Address) -> None:
+    assert _guard.canonical_host(str(address)) == str(address)
+    mapped = ipaddress.IPv6Address("::ffff:" + str(address))
+    assert _guard.canonical_host(str(mapped)) == str(address)
+    assert _guard.canonical_host(mapped.exploded) == str(address)
+
+
+@settings(max_examples=300)
+@given(st.ip_addresses(v=6))
+def test_ipv6_canonical_form(address: ipaddress.IPv6Address) -> None:
+    canon = _guard.canonical_host(str(address))
+    assert canon == _guard.canonical_host(address.exploded) == _guard.canonical_host(address.exploded.upper())
+    if address.ipv4_mapped is None:
+        assert canon == "v6:" + ":".join("%x" % int(g, 16) for g in address.exploded.split(":"))
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=40))
+def test_canonical_form_never_claims_loopback_for_something_else(text: str) -> None:
+    canon = _guard.canonical_host(text)
+    if canon in _guard.LOOPBACK_ALIASES:
+        if canon == "name:localhost":
+            assert text.lower().rstrip(".") == "localhost" or text.lower() == "[localhost]"
+        else:
+            assert ipaddress.ip_address(text.strip("[]")).is_loopback
