@@ -24,9 +24,12 @@ TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
 
+    from ._config import Config
+
     Hook = Union[str, Callable[[Any], None]]
 
 _booted = False
+_config_object = None  # the parsed Config when AGENSHIELD_* variables were set at boot
 
 #: Kept equal to ``_config.VARIABLES`` (a unit test checks): when none is set, defaults apply.
 VARIABLES = (
@@ -72,11 +75,34 @@ def boot() -> None:
 
             _log.configure(config.log_level, config.audit_log)
         policy = _guard.policy_from_config(config)
+        global _config_object
+        _config_object = config
     else:
         policy = _guard.policy_for("localhost", 6969)
     _guard.install(policy, _report)
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
+
+
+def active_config() -> "Optional[Config]":
+    """The configuration this interpreter booted with, for the library hooks; None if not booted.
+
+    Parsed here only when a hook asks for it and no variable was set (the boot skips the
+    parser then): the defaults.
+    """
+    global _config_object
+    if not _booted or _guard_installed() is None:
+        return None
+    if _config_object is None:
+        from ._config import Config
+
+        _config_object = Config()
+    return _config_object
+
+
+def _guard_installed() -> "Optional[object]":
+    guard = sys.modules.get("agenshield_shim._guard")
+    return None if guard is None else guard.active_policy()  # type: ignore[attr-defined]
 
 
 def _report(event: str, target: str, policy: object) -> None:

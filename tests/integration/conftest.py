@@ -135,6 +135,35 @@ def shim(request: pytest.FixtureRequest, _envs: Dict[str, ShimEnv], wheel: Path,
     return _envs[version]
 
 
+@pytest.fixture(scope="session")
+def shim_env_factory(tmp_path_factory: pytest.TempPathFactory, wheel: Path):
+    """``make(version, *requirements)``: a shim-installed venv with third-party packages, cached per session.
+
+    The packages come from the package index, installed with the shim switched off for pip
+    (pip itself would otherwise be refused the network). Use it for library versions:
+    ``make("3.11", "urllib3<2", "requests")``.
+    """
+    cache: Dict[Tuple[str, Tuple[str, ...]], ShimEnv] = {}
+
+    def make(version: str, *requirements: str) -> ShimEnv:
+        key = (version, tuple(sorted(requirements)))
+        if key not in cache:
+            if version not in PYTHONS:
+                raise pytest.UsageError("no Python %s on this machine" % version)
+            root = tmp_path_factory.mktemp("venv-%s-%d" % (version, len(cache)))
+            make_venv(PYTHONS[version], root)
+            env = ShimEnv(version, root)
+            result = subprocess.run(
+                [env.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel), *requirements],
+                env=clean_env(AGENSHIELD_ENABLED="false"), capture_output=True, text=True, timeout=900,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            cache[key] = env
+        return cache[key]
+
+    return make
+
+
 @pytest.fixture
 def fresh_shim(shim: ShimEnv, wheel: Path, tmp_path: Path) -> ShimEnv:
     """A private copy for tests that change the installation (break it, uninstall it)."""

@@ -174,3 +174,37 @@ def test_a_tracer_cannot_jump_over_the_guard(shim: ShimEnv, tcp_listener: Listen
     assert "BLOCKED NetworkBlockedError" in result.stdout, result.stdout + result.stderr
     assert "TRACING" in result.stdout  # tracing itself stays allowed (debuggers, coverage)
     assert tcp_listener.settle() == 0
+
+
+FINALIZER = textwrap.dedent(
+    """
+    import builtins, os, socket, sys
+    HOST, PORT = sys.argv[1], int(sys.argv[2])
+    class Sneaky:
+        # finalized while the interpreter shuts down (module teardown, the last collection)
+        def __init__(self, fresh):
+            self.fresh, self.write, self.socket_type = fresh, os.write, socket.socket
+            self.sock = None if fresh else socket.socket()
+        def __del__(self):
+            try:
+                sock = self.socket_type() if self.fresh else self.sock
+                sock.connect((HOST, PORT))
+                msg = "FINALIZER CONNECTED"
+            except BaseException as e:
+                msg = "FINALIZER REFUSED %s" % type(e).__name__
+            self.write(2, (msg + "\\n").encode())
+    builtins._early = Sneaky(fresh=False)   # a socket made while the guard was on
+    builtins._late = Sneaky(fresh=True)     # a socket made during teardown
+    sys._kept = Sneaky(fresh=False)
+    for fresh in (False, True):           # reference cycles: collected by the last garbage collection
+        cycle = Sneaky(fresh=fresh); cycle.me = cycle
+    del cycle
+    """
+)
+
+
+def test_finalizers_at_exit_cannot_connect(shim: ShimEnv, tcp_listener: Listener) -> None:
+    result = shim.run(FINALIZER, tcp_listener.host, str(tcp_listener.port))
+    assert tcp_listener.settle() == 0, result.stderr
+    assert "FINALIZER CONNECTED" not in result.stderr
+    assert result.returncode == 0, result.stderr
