@@ -1,0 +1,161 @@
+"""``agenshield-shim broker`` / ``python -m agenshield_shim.broker``: flags -> BrokerConfig -> run.
+
+On start it prints one line per listener on stdout, e.g.
+``agenshield broker listening on http://127.0.0.1:6969`` (tools parse it; with ``--port 0`` it
+carries the port picked), and writes ``--ready-file`` when set. SIGTERM and SIGINT stop it
+gracefully (exit status 0). A bad flag or policy file exits with status 2 and one clear line on
+stderr; a listen failure (port in use) exits with status 1.
+"""
+
+import argparse
+import asyncio
+import re
+import signal
+import sys
+from typing import List, Optional
+
+from .. import __version__
+from .config import BrokerConfig
+from .policy import PolicyError, build_policy
+from .server import Broker
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64k``, ``64KiB``, ``10M``, ``1g`` -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError("not a size: %r (e.g. 65536, 64KiB, 10MiB)" % text)
+    mult = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[(m.group(2) or "")[:1].lower()]
+    return int(m.group(1)) * mult
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive: %r" % text)
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError("not a port: %r" % text)
+    return int(text)
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an octal mode: %r" % text) from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError("mode out of range: %r" % text)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agenshield-shim broker",
+        description="Reference AgenShield broker: policy-checked JSON-RPC, forward proxy and CONNECT tunnels.",
+    )
+    d = BrokerConfig()
+    p.add_argument("--version", action="version", version="agenshield-shim broker " + __version__)
+    p.add_argument("--host", default=None, help="address to listen on (default %s)" % d.host)
+    p.add_argument("--port", type=_port, default=None, help="TCP port, 0 for a free one (default %d)" % d.port)
+    p.add_argument("--unix", metavar="PATH", help="also (or, without --host/--port, only) listen on this Unix socket")
+    p.add_argument("--unix-mode", type=_mode, default=d.unix_mode, metavar="OCTAL", help="Unix socket mode (default 0600)")
+    p.add_argument("--policy", metavar="FILE", help="TOML policy file (default deny; see docs)")
+    p.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]", help="allow a destination (repeatable)")
+    p.add_argument("--audit", metavar="FILE", help="append audit JSON lines here (default: stderr)")
+    p.add_argument("--compat", action="store_true", help="behave exactly like the AgenShield daemon's broker (no extensions)")
+    p.add_argument("--connect-timeout", type=_seconds, default=d.connect_timeout, metavar="S")
+    p.add_argument("--idle-timeout", type=_seconds, default=d.idle_timeout, metavar="S", help="tunnels and forwards")
+    p.add_argument("--head-timeout", type=_seconds, default=d.head_timeout, metavar="S", help="time to send a request head")
+    p.add_argument("--keepalive-timeout", type=_seconds, default=d.keepalive_timeout, metavar="S")
+    p.add_argument("--max-head-size", type=parse_size, default=d.max_head_size, metavar="SIZE")
+    p.add_argument("--max-body-size", type=parse_size, default=d.max_body_size, metavar="SIZE", help="/rpc bodies (413 above)")
+    p.add_argument("--max-rpc-response", type=parse_size, default=d.max_rpc_response, metavar="SIZE")
+    p.add_argument("--upstream-ca", metavar="PEM", help="extra CA bundle trusted for upstream TLS")
+    p.add_argument("--shutdown-grace", type=_seconds, default=d.shutdown_grace, metavar="S")
+    p.add_argument("--ready-file", metavar="PATH", help="write host:port here once listening")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    d = BrokerConfig()
+    tcp = args.unix is None or args.host is not None or args.port is not None
+    return BrokerConfig(
+        host=args.host if args.host is not None else d.host,
+        port=args.port if args.port is not None else d.port,
+        tcp=tcp,
+        unix=args.unix,
+        unix_mode=args.unix_mode,
+        policy_file=args.policy,
+        allow=tuple(args.allow),
+        audit_file=args.audit,
+        compat=args.compat,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
+        head_timeout=args.head_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        max_head_size=args.max_head_size,
+        max_body_size=args.max_body_size,
+        max_rpc_response=args.max_rpc_response,
+        upstream_ca_file=args.upstream_ca,
+        shutdown_grace=args.shutdown_grace,
+        ready_file=args.ready_file,
+    )
+
+
+def _raise_fd_limit() -> None:
+    """A proxy holds two descriptors per tunnel: lift the soft limit to the hard one (best effort)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+async def _run(config: BrokerConfig) -> int:
+    broker = Broker(config)
+    try:
+        await broker.start()
+    except PolicyError as exc:
+        print("agenshield-shim broker: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("agenshield-shim broker: cannot listen: %s" % exc, file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(broker.stop()))
+        except (NotImplementedError, RuntimeError):
+            pass
+    for line in broker.listening_lines():
+        print(line)
+    sys.stdout.flush()
+    await broker.serve_forever()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    try:
+        build_policy(config.policy_file, config.allow)  # refuse a bad policy before binding anything
+    except PolicyError as exc:
+        print("agenshield-shim broker: %s" % exc, file=sys.stderr)
+        return 2
+    _raise_fd_limit()
+    try:
+        return asyncio.run(_run(config))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130

@@ -1,0 +1,69 @@
+"""Broker settings in one frozen dataclass, shared by the CLI, the Python API and the tests.
+
+Everything a broker needs to run is here, so a test or the selftest can start one in-process with
+exactly the knobs the command line offers (``BrokerConfig(port=0, allow=["127.0.0.1"])``), and the
+command line is a thin translation of flags into this object.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+#: Protocol extensions this broker implements beyond the AgenShield daemon's broker. They are
+#: advertised in ``GET /health`` and in the ``ping`` result (never with ``compat=True``) so that a
+#: client can detect them; see ``PROTOCOL.md`` beside this file for their wire format.
+EXTENSIONS: Tuple[str, ...] = (
+    "body-base64",
+    "redirect-policy",
+    "connect-port-policy",
+    "proxy-error-header",
+)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How one broker listens, decides and limits.
+
+    Times are in seconds, sizes in bytes. ``port=0`` picks a free port (read it back from
+    ``Broker.address`` / ``Broker.port`` once started). ``unix`` adds a Unix-socket listener; with
+    ``tcp=False`` it is the only one.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 6969
+    tcp: bool = True
+    unix: Optional[str] = None
+    unix_mode: int = 0o600
+    #: Path of a TOML policy file (see ``policy.py``); ``None`` for none.
+    policy_file: Optional[str] = None
+    #: ``HOST[:PORT]`` entries, each an allow rule (the ``--allow`` flag).
+    allow: Tuple[str, ...] = ()
+    #: Audit log file (appended to); ``None`` writes the audit lines to stderr.
+    audit_file: Optional[str] = None
+    #: Reproduce the daemon's broker exactly: no extensions, ``/api/proxy`` answers 404.
+    compat: bool = False
+    connect_timeout: float = 10.0
+    #: A tunnel or forward with no byte moving either way for this long is closed.
+    idle_timeout: float = 300.0
+    #: A request head must be complete this long after its first byte (slowloris guard): 408.
+    head_timeout: float = 10.0
+    #: An idle keep-alive client connection is closed after this long without a new request.
+    keepalive_timeout: float = 60.0
+    #: Largest request head (request line and headers): 431 above it.
+    max_head_size: int = 64 * 1024
+    #: Largest ``/rpc`` (and ``/api/proxy``) request body: 413 above it.
+    max_body_size: int = 10 * MiB
+    #: Largest upstream response body buffered for an ``http_request`` call (error 1004 above it).
+    max_rpc_response: int = 100 * MiB
+    #: Extra CA bundle (PEM) trusted for upstream TLS, on top of the system store.
+    upstream_ca_file: Optional[str] = None
+    #: In-flight requests get this long to finish on shutdown; tunnels are closed at once.
+    shutdown_grace: float = 5.0
+    #: Write ``host:port`` (and/or ``unix:PATH``) here, atomically, once listening.
+    ready_file: Optional[str] = None
+
+    @property
+    def extensions(self) -> Tuple[str, ...]:
+        """The extension names this configuration turns on (none in compat mode)."""
+        return () if self.compat else EXTENSIONS

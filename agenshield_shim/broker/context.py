@@ -1,0 +1,82 @@
+"""What every request handler needs, passed explicitly: the broker-wide services and the connection.
+
+Kept apart from ``server.py`` so ``tunnel.py``, ``forward.py`` and ``rpc.py`` depend on this small
+module rather than on the server (no import cycles, and each handler can be read on its own).
+"""
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Set, Tuple
+
+from .audit import AuditLog
+from .config import BrokerConfig
+from .http1 import Stream, abort
+from .policy import Decision, Policy
+from .upstream import Resolver
+
+
+@dataclass
+class Services:
+    """Broker-wide, created at start: configuration, policy, audit sink, upstream TLS context."""
+
+    config: BrokerConfig
+    policy: Policy
+    audit: AuditLog
+    ssl_context: ssl.SSLContext
+    #: Open tunnel and upgraded pipes as (client writer, upstream writer); closed on shutdown.
+    pipes: Set[Tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = field(default_factory=set)
+    #: Upstream writers currently open (tunnels, forwards), for cleanup checks and shutdown.
+    upstreams: Set[asyncio.StreamWriter] = field(default_factory=set)
+    counters: Dict[str, int] = field(default_factory=dict)
+    #: Name resolution for tunnels and forwards; ``None`` is the loop's ``getaddrinfo``.
+    resolver: Optional[Resolver] = None
+
+    @property
+    def ext(self) -> bool:
+        """Extensions on (not ``--compat``)."""
+        return not self.config.compat
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def audit_decision(
+        self,
+        conn: "Conn",
+        operation: str,
+        decision: Decision,
+        target: str,
+        result: str,
+        started: float,
+        **metadata: Any,
+    ) -> None:
+        meta = {k: v for k, v in metadata.items() if v is not None}
+        if decision.reason and "reason" not in meta:
+            meta["reason"] = decision.reason
+        if conn.peer:
+            meta.setdefault("peer", conn.peer)
+        self.audit.record(
+            operation, conn.channel, decision.allowed, decision.policy_id, target, result,
+            (time.monotonic() - started) * 1000.0, meta,
+        )
+
+
+@dataclass
+class Conn:
+    """One client connection: its stream, how it came in, and a kept-alive forward upstream."""
+
+    stream: Stream
+    channel: str  # "http" (TCP) or "socket" (Unix socket), the daemon's audit vocabulary
+    peer: str
+    upstream_key: Optional[Tuple[str, str, int]] = None
+    upstream: Optional[Stream] = None
+    busy: bool = False
+
+    def drop_upstream(self, services: Services) -> None:
+        if self.upstream is not None:
+            w = self.upstream.writer
+            services.upstreams.discard(w)
+            abort(w)  # a kept or half-used upstream has nothing worth flushing
+        self.upstream = None
+        self.upstream_key = None

@@ -1,0 +1,276 @@
+"""Absolute-form forward proxying (``GET http://host/path HTTP/1.1``, any method), streamed.
+
+The request head is rewritten only where a proxy must: origin-form request target, ``Host`` set
+to the URL's authority (policy was checked on the URL, so the upstream must see the same host),
+hop-by-hop headers (``Connection`` and the headers it names, ``Keep-Alive``, ``Proxy-*``) dropped.
+Bodies are copied as they are framed, chunk sizes and trailers included, in both directions, one
+read at a time with back-pressure; nothing is buffered whole. Redirects (3xx) are passed through.
+The upstream connection is kept for the next request of the same client connection to the same
+origin (keep-alive), which is what makes small requests cheap.
+
+Refusals: ``403 Blocked by AgenShield URL policy`` and ``502 Proxy error``, as the daemon; with
+extensions on they also carry ``X-Proxy-Error`` (``blocked-by-policy``, ``dns-resolution-failed``,
+``connection-refused``, ``connection-timeout``, ``network-error``).
+
+A ``101 Switching Protocols`` answer (WebSocket over plain HTTP) turns the exchange into a tunnel.
+"""
+
+import asyncio
+import time
+from typing import List, Optional, Tuple, Union
+from urllib.parse import urlsplit
+
+from .context import Conn, Services
+from .http1 import (
+    Headers, HttpError, IdleTimer, Sink, ProtocolError, RequestHead, ResponseHead, Stream, copy_chunked,
+    abort, copy_length, copy_until_eof, header_tokens, parse_response_head, render_response,
+    request_framing, response_framing, writer_sink,
+)
+from .policy import Target, normalize_host
+from .tunnel import pipe
+from .upstream import NETWORK, UpstreamError, open_upstream
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade"}
+_DEFAULT_PORT = {"http": 80, "https": 443}
+MAX_RESPONSE_HEAD = 256 * 1024
+
+
+def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
+    """(scheme, host, port, authority, origin-form) of an absolute URI; 400 when unusable."""
+    try:
+        parts = urlsplit(target)
+        port = parts.port
+    except ValueError:
+        raise HttpError(400, "malformed absolute URL") from None
+    scheme = parts.scheme.lower()
+    if scheme in ("ws", "wss"):
+        scheme = "http" if scheme == "ws" else "https"
+    if scheme not in _DEFAULT_PORT or not parts.hostname:
+        raise HttpError(400, "only http and https URLs can be forwarded")
+    host = parts.hostname
+    port = port or _DEFAULT_PORT[scheme]
+    shown = "[%s]" % host if ":" in host else host
+    authority = shown if port == _DEFAULT_PORT[scheme] else "%s:%d" % (shown, port)
+    origin = parts.path or "/"
+    if parts.query:
+        origin += "?" + parts.query
+    return scheme, host, port, authority, origin
+
+
+def _refusal(services: Services, status: int, text: str, kind: str) -> bytes:
+    headers: Headers = [("Content-Type", "text/plain")]
+    if services.ext:
+        headers.append(("X-Proxy-Error", kind))
+    return render_response(status, text.encode(), headers, close=True)
+
+
+def _upstream_head(head: RequestHead, origin: str, authority: str, upgrade: bool) -> bytes:
+    drop = set(_HOP) | set(header_tokens(head.headers, "connection"))
+    lines = ["%s %s HTTP/%d.%d" % (head.method, origin, head.version[0], head.version[1]), "Host: " + authority]
+    for k, v in head.headers:
+        lk = k.lower()
+        if lk == "host" or (lk in drop and not (upgrade and lk == "upgrade")):
+            continue
+        lines.append("%s: %s" % (k, v))
+    if upgrade:
+        lines.append("Connection: Upgrade")
+    elif head.version == (1, 0):
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _client_head(resp: ResponseHead, close: bool, upgrade: bool) -> bytes:
+    drop = set(_HOP) - {"trailer"} | set(header_tokens(resp.headers, "connection"))
+    lines = [resp.raw_status_line]
+    for k, v in resp.headers:
+        lk = k.lower()
+        if lk in drop and not (upgrade and lk == "upgrade"):
+            continue
+        lines.append("%s: %s" % (k, v))
+    if upgrade:
+        lines.append("Connection: Upgrade")
+    elif close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int]) -> Tuple[Stream, bool]:
+    """The kept upstream for ``key`` if alive (second item ``True``), else a new connection."""
+    if conn.upstream_key == key and conn.upstream is not None and not conn.upstream.reader.at_eof() \
+            and not conn.upstream.writer.is_closing():
+        return conn.upstream, True
+    conn.drop_upstream(services)
+    scheme, host, port = key
+    ctx = services.ssl_context if scheme == "https" else None
+    r, w = await open_upstream(host, port, services.config.connect_timeout, ctx, resolver=services.resolver)
+    services.upstreams.add(w)
+    conn.upstream, conn.upstream_key = Stream(r, w), key
+    return conn.upstream, False
+
+
+async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> bool:
+    """Serve one absolute-form request; returns whether the client connection stays usable."""
+    started = time.monotonic()
+    client = conn.stream
+    cw = client.writer
+    scheme, host, port, authority, origin = split_absolute(head.target)
+    target = Target(host=normalize_host(host), port=port, scheme=scheme, method=head.method, path=origin)
+    decision = services.policy.check(target)
+    shown = head.target if len(head.target) <= 2048 else head.target[:2048] + "..."
+    if not decision.allowed:
+        services.count("forward_denied")
+        services.audit_decision(conn, "forward", decision, shown, "denied", started, method=head.method)
+        cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy"))
+        await cw.drain()
+        return False
+    framing = request_framing(head.headers)
+    upgrade = "upgrade" in header_tokens(head.headers, "connection") and head.get("upgrade") is not None
+    key = (scheme, normalize_host(host), port)
+    up_head = _upstream_head(head, origin, authority, upgrade)
+
+    for attempt in (0, 1):
+        try:
+            up, reused = await _connect(services, conn, key)
+        except UpstreamError as exc:
+            services.count("forward_failed")
+            services.audit_decision(conn, "forward", decision, shown, "error", started,
+                                    method=head.method, error=exc.kind, message=exc.message)
+            cw.write(_refusal(services, 502, "Proxy error", exc.kind))
+            await cw.drain()
+            return False
+        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0)
+        if result == "retry":
+            conn.drop_upstream(services)
+            continue
+        if isinstance(result, UpstreamError):
+            conn.drop_upstream(services)
+            services.count("forward_failed")
+            services.audit_decision(conn, "forward", decision, shown, "error", started,
+                                    method=head.method, error=result.kind, message=result.message)
+            cw.write(_refusal(services, 502, "Proxy error", result.kind))
+            try:
+                await cw.drain()
+            except ConnectionError:
+                pass
+            return False
+        assert isinstance(result, tuple)
+        status, keep = result
+        services.count("forwards")
+        services.audit_decision(conn, "forward", decision, shown, "success", started,
+                                method=head.method, status=status)
+        return keep
+    return False  # pragma: no cover - the loop always returns
+
+
+async def _exchange(
+    services: Services,
+    conn: Conn,
+    head: RequestHead,
+    up: Stream,
+    up_head: bytes,
+    framing: Tuple[str, int],
+    upgrade: bool,
+    may_retry: bool,
+) -> Union[Tuple[int, bool], str, UpstreamError]:
+    """One request/response on ``up``: ``(status, keep_client)``, ``"retry"`` or an UpstreamError."""
+    client = conn.stream
+    cw, uw = client.writer, up.writer
+    sent_head = False
+
+    def on_idle() -> None:
+        abort(uw)
+        if sent_head:  # mid-body: nothing more can be said to the client
+            abort(cw)
+
+    timer = IdleTimer(services.config.idle_timeout, on_idle)
+    touch = timer.touch
+    to_up = writer_sink(uw, touch)
+    to_client = writer_sink(cw, touch)
+    body_task: Optional["asyncio.Future[None]"] = None
+    try:
+        try:
+            uw.write(up_head)
+            await uw.drain()
+        except (ConnectionError, OSError):
+            return "retry" if may_retry and framing[0] == "none" else UpstreamError(NETWORK, "upstream closed")
+
+        if framing[0] != "none":
+            body_task = asyncio.ensure_future(_send_body(client, to_up, framing))
+        while True:
+            raw = await up.read_response_head(MAX_RESPONSE_HEAD)
+            touch()
+            if raw is None:
+                if timer.fired:
+                    return UpstreamError(NETWORK, "upstream idle timeout")
+                if may_retry and framing[0] == "none":
+                    return "retry"
+                return UpstreamError(NETWORK, "upstream closed without a response")
+            resp = parse_response_head(raw)
+            if resp.status == 101 and upgrade:
+                cw.write(_client_head(resp, close=False, upgrade=True))
+                sent_head = True
+                await cw.drain()
+                timer.cancel()
+                services.upstreams.discard(uw)
+                conn.upstream, conn.upstream_key = None, None
+                await pipe(services, client, up, services.config.idle_timeout)
+                return resp.status, False
+            if 100 <= resp.status < 200:
+                cw.write(raw)  # interim (100 Continue): relay and keep reading
+                await cw.drain()
+                continue
+            break
+        rframing = response_framing(resp, head.method)
+        body_done = body_task is None or body_task.done()
+        keep_client = (
+            head.version == (1, 1)
+            and "close" not in header_tokens(head.headers, "connection")
+            and rframing[0] != "close"
+            and body_done
+        )
+        cw.write(_client_head(resp, close=not keep_client, upgrade=False))
+        sent_head = True
+        kind, n = rframing
+        if kind == "length":
+            await copy_length(up, to_client, n)
+        elif kind == "chunked":
+            await copy_chunked(up, to_client)
+        elif kind == "close":
+            await copy_until_eof(up, to_client)
+        else:
+            await cw.drain()
+        if body_task is not None and not body_task.done():
+            keep_client = False
+            body_task.cancel()
+        elif body_task is not None and body_task.exception() is not None:
+            keep_client = False
+        keep_up = (
+            keep_client and resp.version == (1, 1) and kind != "close"
+            and "close" not in header_tokens(resp.headers, "connection")
+        )
+        if not keep_up:
+            conn.drop_upstream(services)
+        return resp.status, keep_client
+    except (ConnectionError, ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
+        conn.drop_upstream(services)
+        if sent_head or cw.is_closing():
+            return 0, False  # mid-body failure: nothing sane to tell the client, just close
+        if isinstance(exc, ProtocolError):
+            return UpstreamError(NETWORK, str(exc))
+        return UpstreamError(NETWORK, "upstream failed: %s" % (exc,))
+    finally:
+        timer.cancel()
+        if body_task is not None and not body_task.done():
+            body_task.cancel()
+            await asyncio.gather(body_task, return_exceptions=True)
+
+
+async def _send_body(client: Stream, sink: Sink, framing: Tuple[str, int]) -> None:
+    kind, n = framing
+    if kind == "length":
+        await copy_length(client, sink, n)
+    elif kind == "chunked":
+        await copy_chunked(client, sink)
+
+
+__all__: List[str] = ["handle_forward", "split_absolute"]
