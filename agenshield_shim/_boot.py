@@ -58,12 +58,14 @@ def boot() -> None:
     from . import _guard
 
     environ = os.environ
-    if any(name in environ for name in VARIABLES):
+    lock = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agenshield_shim.lock")
+    locked = os.path.exists(lock)
+    if locked or any(name in environ for name in VARIABLES):
         from . import _config
 
         try:
-            config = _config.load(environ)
-        except _config.ShimConfigError as exc:
+            config = _config.load(environ, lock if locked else None)
+        except (_config.ShimConfigError, OSError) as exc:
             reason = "invalid configuration: %s" % (exc,)
             _guard.install(_guard.block_all_policy("(unknown: configuration invalid)", reason), _report)
             sys.stderr.write("agenshield-shim: %s; all network access is blocked until it is fixed\n" % (exc,))

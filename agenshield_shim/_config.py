@@ -11,7 +11,7 @@ import os
 
 TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Mapping, Optional, Tuple
+    from typing import Dict, Mapping, Optional, Tuple
 
     #: (host, port) as written by the user; host already lower-cased, brackets removed.
     Destination = Tuple[str, int]
@@ -35,6 +35,12 @@ VARIABLES = (
     ENV_AUDIT_LOG,
     ENV_TRANSPORT,
 )
+
+#: Written by ``agenshield-shim install --lock`` next to the .pth file. When it exists, its
+#: values are the configuration: the environment's AGENSHIELD_* variables are ignored (all but
+#: the log level), so an agent cannot switch the shim off or widen it for itself or a child.
+#: It only protects where the agent cannot write to site-packages.
+LOCK_FILE = "agenshield_shim.lock"
 
 DEFAULT_BROKER_HOST = "localhost"
 DEFAULT_BROKER_PORT = 6969
@@ -101,9 +107,35 @@ def is_disabled(environ: "Mapping[str, str]") -> bool:
     return value is not None and value.strip().lower() in _FALSE
 
 
-def load(environ: "Optional[Mapping[str, str]]" = None) -> "Config":
-    """Read the configuration; raise :class:`ShimConfigError` naming the variable at fault."""
+def read_lock(path: str) -> "Dict[str, str]":
+    """The ``NAME=value`` lines of a lock file (``#`` comments allowed); strict like the rest."""
+    values: "Dict[str, str]" = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.partition("=")
+            name = name.strip()
+            if not sep or name not in VARIABLES:
+                raise ShimConfigError("%s line %d: %r is not AGENSHIELD_<NAME>=value" % (path, number, line))
+            values[name] = value.strip()
+    if values.get(ENV_ENABLED, "true").strip().lower() in _FALSE:
+        raise ShimConfigError("%s: a lock file cannot disable the shim; remove the file instead" % path)
+    return values
+
+
+def load(environ: "Optional[Mapping[str, str]]" = None, lock: "Optional[str]" = None) -> "Config":
+    """Read the configuration; raise :class:`ShimConfigError` naming the variable at fault.
+
+    With ``lock`` (the path of a lock file), the lock's values replace the environment's.
+    """
     env = os.environ if environ is None else environ
+    if lock is not None:
+        locked = read_lock(lock)
+        if ENV_LOG_LEVEL in env and ENV_LOG_LEVEL not in locked:
+            locked[ENV_LOG_LEVEL] = env[ENV_LOG_LEVEL]
+        env = locked
     enabled = _parse_bool(env, ENV_ENABLED, True)
     host = _parse_host(env.get(ENV_BROKER_HOST, DEFAULT_BROKER_HOST), ENV_BROKER_HOST)
     port = _parse_port(env.get(ENV_BROKER_PORT, str(DEFAULT_BROKER_PORT)), ENV_BROKER_PORT)

@@ -90,3 +90,25 @@ def test_boot_knows_every_variable() -> None:
 
     assert set(_boot.VARIABLES) == set(_config.VARIABLES)
     assert load({}).broker == "localhost:6969"  # the defaults the boot uses when nothing is set
+
+
+def test_lock_file_replaces_the_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "agenshield_shim.lock"
+    lock.write_text("# written by agenshield-shim install --lock\nAGENSHIELD_BROKER_PORT=7000\n")
+    config = load(
+        {"AGENSHIELD_ENABLED": "false", "AGENSHIELD_ALLOW": "example.com:80", "AGENSHIELD_LOG_LEVEL": "debug"},
+        str(lock),
+    )
+    assert config.enabled is True and config.broker_port == 7000
+    assert config.allow == ()  # the environment cannot widen a locked configuration
+    assert config.log_level == "debug"  # but may make it chattier
+
+
+@pytest.mark.parametrize(
+    "text", ["AGENSHIELD_ENABLED=false\n", "AGENSHIELD_NOPE=1\n", "just words\n", "AGENSHIELD_BROKER_PORT=abc\n"]
+)
+def test_bad_lock_files_are_errors(tmp_path, text: str) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "agenshield_shim.lock"
+    lock.write_text(text)
+    with pytest.raises(ShimConfigError):
+        load({}, str(lock))

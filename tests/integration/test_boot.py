@@ -183,3 +183,15 @@ def test_audit_log_has_one_json_line_per_refusal(shim: ShimEnv, tcp_listener: Li
         assert record["allowed"] is False and record["result"] == "blocked"
         assert set(record) >= {"id", "timestamp", "operation", "channel", "policyId", "durationMs", "metadata"}
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_lock_file_cannot_be_overridden_by_the_environment(fresh_shim: ShimEnv, tcp_listener: Listener) -> None:
+    (fresh_shim.site_packages / "agenshield_shim.lock").write_text("AGENSHIELD_BROKER_PORT=7000\n")
+    args = (tcp_listener.host, str(tcp_listener.port))
+    for env in ({"AGENSHIELD_ENABLED": "false"}, {"AGENSHIELD_ALLOW": "127.0.0.2:%d" % tcp_listener.port}):
+        result = fresh_shim.run(CONNECT, *args, env=env)
+        assert result.stdout.startswith("BLOCKED NetworkBlockedError"), result.stdout + result.stderr
+        assert "use the broker at localhost:7000" in result.stdout
+    assert tcp_listener.settle() == 0
+    (fresh_shim.site_packages / "agenshield_shim.lock").unlink()
+    assert fresh_shim.run(CONNECT, *args, env={"AGENSHIELD_ENABLED": "false"}).stdout.strip() == "CONNECTED"
