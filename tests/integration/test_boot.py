@@ -36,7 +36,8 @@ def test_disabled_interpreter_is_untouched(shim: ShimEnv, bare: ShimEnv, tcp_lis
     for value in ("false", "0", "no", "off", " FALSE "):
         disabled = json.loads(shim.run(SNAPSHOT, env={"AGENSHIELD_ENABLED": value}).stdout)
         plain = json.loads(bare.run(SNAPSHOT).stdout)
-        assert set(disabled["modules"]) - set(plain["modules"]) == {"agenshield_shim", "agenshield_shim._boot"}
+        # nothing of ours; only the codec site uses to read any .pth (bare venvs of 3.12+ have none)
+        assert set(disabled["modules"]) - set(plain["modules"]) <= {"encodings.utf_8_sig"}
         assert set(plain["modules"]) - set(disabled["modules"]) == set()
         assert disabled["meta_path"] == plain["meta_path"]
         assert disabled["patched"] is False
