@@ -46,6 +46,8 @@ VARIABLES = (
 #: (module whose import triggers the hook, "hook module:function"), registered in this order.
 HOOKS = (
     ("socket", "agenshield_shim.hooks.socket:install"),
+    ("aiohttp", "agenshield_shim.hooks.aiohttp:install"),
+    ("httpx", "agenshield_shim.hooks.httpx:install"),
 )
 
 
@@ -104,7 +106,7 @@ def active_config() -> "Optional[Config]":
 
 def _guard_installed() -> "Optional[object]":
     guard = sys.modules.get("agenshield_shim._guard")
-    return None if guard is None else guard.active_policy()  # type: ignore[attr-defined]
+    return None if guard is None else guard.active_policy()
 
 
 def _report(event: str, target: str, policy: object) -> None:

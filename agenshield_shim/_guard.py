@@ -199,18 +199,18 @@ def _exact_str(
     """An exact str copy of a str/bytes host, read through the base type's C code, or None."""
     kind = _type(value)
     if kind is _str:
-        return value  # type: ignore[no-any-return]
+        return value
     if kind is _bytes:
         try:
-            return _decode(value, "ascii")  # type: ignore[no-any-return]
+            return _decode(value, "ascii")
         except UnicodeDecodeError:
             return None
     try:
-        return _copy(value)  # type: ignore[no-any-return]  # TypeError unless a real str subclass
+        return _copy(value)  # TypeError unless a real str subclass
     except TypeError:
         pass
     try:
-        return _decode(value, "ascii")  # type: ignore[no-any-return]  # a real bytes subclass
+        return _decode(value, "ascii")  # a real bytes subclass
     except (TypeError, UnicodeDecodeError):
         return None  # bytearray (mutable: could change under us), or anything else
 
@@ -225,9 +225,9 @@ def canonical_host(value: "Any", _exact=_exact_str, _canon=_canon_text) -> "Opti
 
 def _exact_port(value: "Any", _type=type, _int=int, _copy=_int_copy, TypeError=TypeError) -> "Optional[int]":  # noqa: N803
     if _type(value) is _int:
-        return value  # type: ignore[no-any-return]
+        return value
     try:
-        return _copy(value)  # type: ignore[no-any-return]  # only real int subclasses pass
+        return _copy(value)  # only real int subclasses pass
     except TypeError:
         return None  # objects with their own __index__ could answer differently twice
 
@@ -518,7 +518,7 @@ def seal(hook: "Callable[..., None]") -> "Callable[[str, Tuple[Any, ...]], None]
     and its attribute lookup is the generic one (no AttributeError raised per
     event, which ``types.MethodType`` would cost).
     """
-    return hook.__call__  # type: ignore[no-any-return]
+    return hook.__call__  # type: ignore[operator]
 
 
 # -- installed state --------------------------------------------------------------------------
@@ -546,14 +546,13 @@ def check_destination(host: "Any", port: "Any") -> None:
     only once the library has resolved the name and tried each address.
     """
     policy = _active
-    if policy is None or (policy[REASON] is None and decide_destination(host, port, policy)):
+    if policy is None or (policy[4] is None and decide_destination(host, port, policy)):
         return
     target = format_destination(_display(host), None if port is None else _display(port))
     from ._log import report_block
 
     report_block("socket.create_connection", target, policy)
-    if policy[REASON] is not None:
-        raise NetworkBlockedError(
-            "AgenShield: network blocked (%s): %s refused" % (policy[REASON], target), target, policy[BROKER]
-        )
-    raise NetworkBlockedError(blocked_message(target, policy[BROKER]), target, policy[BROKER])
+    reason, broker = policy[4], policy[3]
+    if reason is not None:
+        raise NetworkBlockedError("AgenShield: network blocked (%s): %s refused" % (reason, target), target, broker)
+    raise NetworkBlockedError(blocked_message(target, broker), target, broker)

@@ -29,7 +29,7 @@ try:
 
     _local = _thread._local()
 except ImportError:  # pragma: no cover - every CPython we support has _thread
-    _local = None
+    _local = None  # type: ignore[assignment]
 
 
 def configure(level: str, audit_log: Optional[str]) -> None:

@@ -32,4 +32,4 @@ def install(module: ModuleType) -> None:
         return original(address, *args, **kwargs)
 
     create_connection.__agenshield_original__ = original  # type: ignore[attr-defined]
-    module.create_connection = create_connection
+    module.create_connection = create_connection  # type: ignore[attr-defined]
