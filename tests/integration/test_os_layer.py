@@ -1,0 +1,320 @@
+"""The Linux OS layer: what the in-process guard cannot stop, the network namespace does.
+
+Each test runs a real interpreter of the shim's virtual environment through a wrapper script
+(``agenshield-shim wrapper --sandbox netns``), with the reference broker listening on a Unix
+socket (and on 127.0.0.1 outside, which the namespace cannot see) and a loopback upstream in the
+test runner's process. A refusal is proven by a listener outside that received nothing; each
+bypass is also run without the wrapper, to show that the guard alone lets it through.
+
+These tests are never skipped on CI: a machine where neither bubblewrap nor ``unshare --net`` as
+root works fails here with the reason, because a skip would hide exactly the gap they are about.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from agenshield_shim.sandbox import netns
+from agenshield_shim.wrapper import generate_python_wrapper
+
+from .conftest import PYTHONS, ROOT, Listener, ShimEnv, clean_env
+
+pytestmark = [pytest.mark.integration]
+if not sys.platform.startswith("linux"):
+    pytestmark.append(pytest.mark.skip(reason="network namespaces are Linux only (macOS: see test_seatbelt.py)"))
+
+CURL = "/usr/bin/curl"
+
+CTYPES_CONNECT = r"""
+import ctypes, errno, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", int(sys.argv[2])) + socket.inet_aton(sys.argv[1]) + bytes(8)
+rc = libc.connect(fd, ctypes.c_char_p(addr), len(addr))
+print(rc, errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno()) if rc else "connected")
+"""
+
+PLAIN_CONNECT = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    print("connected")
+except OSError as exc:
+    print("refused", type(exc).__name__, exc.errno)
+"""
+
+
+def _need_backend(backend: "str | None" = None) -> str:
+    """The backend to use; fail (never skip) on CI when there is none."""
+    try:
+        return netns.find_backend(backend)
+    except netns.NetnsUnavailable as exc:
+        message = ("the OS layer cannot be tested here: %s. Install bubblewrap (apt-get install -y bubblewrap) "
+                   "or run the tests as root (unshare --net)." % exc)
+        if backend is not None and not os.environ.get("CI"):
+            pytest.skip(message)
+        pytest.fail(message)
+        raise
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    return _need_backend()
+
+
+def make_wrapper(shim: ShimEnv, broker: object, out: Path, backend: str) -> Path:
+    generate_python_wrapper(shim.python, str(out), sandbox="netns", broker_port=broker.port,  # type: ignore[attr-defined]
+                            broker_socket=broker.socket_path, netns_backend=backend)  # type: ignore[attr-defined]
+    return out
+
+
+@pytest.fixture
+def wrapped(shim: ShimEnv, unix_broker: object, backend: str, tmp_path: Path) -> Path:
+    return make_wrapper(shim, unix_broker, tmp_path / "agent-python", backend)
+
+
+def run(wrapper: Path, *args: str, timeout: float = 60, **env: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([str(wrapper), *args], env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def outside() -> Iterator[Listener]:
+    """A listener outside the namespace, on 127.0.0.2: what nothing inside may reach."""
+    listener = Listener("127.0.0.2")
+    yield listener
+    listener.close()
+
+
+# -- the four proofs ----------------------------------------------------------------------------------------
+
+
+def test_ctypes_connect_reaches_nothing(shim: ShimEnv, wrapped: Path, outside: Listener) -> None:
+    # Without the OS layer, native code walks past the guard ...
+    bare = shim.run(CTYPES_CONNECT, outside.host, str(outside.port))
+    assert bare.stdout.split() == ["0", "connected"], bare.stdout + bare.stderr
+    assert outside.settle() == 1
+    # ... inside the namespace it reaches nothing.
+    result = run(wrapped, "-c", CTYPES_CONNECT, outside.host, str(outside.port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "-1", result.stdout
+    assert result.stdout.split()[1] in ("ECONNREFUSED", "ENETUNREACH"), result.stdout
+    assert outside.settle() == 1  # still only the unwrapped hit
+
+
+def test_python_without_site_reaches_nothing(shim: ShimEnv, wrapped: Path, outside: Listener) -> None:
+    bare = shim.run(PLAIN_CONNECT, outside.host, str(outside.port), python_args=("-S",))
+    assert bare.stdout.strip() == "connected", bare.stdout + bare.stderr  # no site, no shim
+    assert outside.settle() == 1
+    for flags in (("-S",), ("-I", "-S")):
+        result = run(wrapped, *flags, "-c", PLAIN_CONNECT, outside.host, str(outside.port))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("refused ConnectionRefusedError"), result.stdout
+    assert outside.settle() == 1
+
+
+def test_child_with_the_shim_switched_off_reaches_nothing(wrapped: Path, outside: Listener) -> None:
+    """A child started with AGENSHIELD_ENABLED=false inherits the namespace all the same; UDP too."""
+    code = r"""
+import socket, subprocess, sys
+child = subprocess.run([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
+                       env={"AGENSHIELD_ENABLED": "false"}, capture_output=True, text=True)
+print(child.stdout.strip() or child.stderr)
+"""
+    result = run(wrapped, "-c", code, PLAIN_CONNECT, outside.host, str(outside.port))
+    assert result.stdout.startswith("refused ConnectionRefusedError"), result.stdout + result.stderr
+    udp = Listener("127.0.0.2", socket.SOCK_DGRAM)
+    try:
+        send = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], int(sys.argv[2])))"
+        sent = run(wrapped, "-S", "-c", send, udp.host, str(udp.port))
+        assert sent.returncode == 0, sent.stderr  # the datagram goes to the namespace's own lo ...
+        assert udp.settle() == 0  # ... and never arrives outside
+    finally:
+        udp.close()
+    assert outside.settle() == 0
+
+
+def test_curl_reaches_only_the_broker(shim: ShimEnv, wrapped: Path, unix_broker: object, upstream: object,
+                                      outside: Listener) -> None:
+    assert os.path.exists(CURL), "curl is needed for this test (.ci/run installs it)"
+    tag = uuid.uuid4().hex
+    code = r"""
+import subprocess, sys
+curl, outside, upstream, broker = sys.argv[1:5]
+def curl_code(*args):
+    r = subprocess.run([curl, "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", *args], capture_output=True, text=True)
+    return "%d:%s" % (r.returncode, r.stdout)
+print(curl_code(outside))                  # a listener outside
+print(curl_code(upstream))                 # the upstream, directly
+print(curl_code("-x", broker, upstream))   # the upstream, through the broker (the relay)
+"""
+    upstream_url = "%s/echo?tag=%s" % (upstream.http_url, tag)  # type: ignore[attr-defined]
+    broker_url = "http://localhost:%d" % unix_broker.port  # type: ignore[attr-defined]
+    mark = unix_broker.mark()  # type: ignore[attr-defined]
+    result = run(wrapped, "-c", code, CURL, "http://%s:%d/" % (outside.host, outside.port), upstream_url, broker_url)
+    assert result.returncode == 0, result.stderr
+    direct_outside, direct_upstream, via_broker = result.stdout.split()
+    assert direct_outside.split(":")[0] == "7", direct_outside  # curl: couldn't connect
+    assert direct_upstream.split(":")[0] == "7", direct_upstream
+    assert via_broker == "0:200", via_broker
+    assert outside.settle() == 0
+    assert upstream.request_count(tag) == 1  # type: ignore[attr-defined]  (the proxied one only)
+    assert unix_broker.forwards(tag, mark)  # type: ignore[attr-defined]
+
+
+def test_routed_requests_still_work(shim: ShimEnv, wrapped: Path, unix_broker: object, upstream: object) -> None:
+    """The shim inside finds the broker at localhost:PORT, which is the relay to its Unix socket."""
+    tag = uuid.uuid4().hex
+    code = r"""
+import json, socket, sys, urllib.request
+port, url = int(sys.argv[1]), sys.argv[2]
+# 1. by hand: an absolute-form request to the broker's port inside the namespace
+s = socket.create_connection(("localhost", port), timeout=10)
+s.sendall(("GET %s&n=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % url).encode())
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n", 1)[0].decode())
+# 2. urllib.request, routed by the shim's hooks
+with urllib.request.urlopen(url + "&n=2", timeout=10) as response:
+    print(response.status, json.loads(response.read())["path"])
+"""
+    mark = unix_broker.mark()  # type: ignore[attr-defined]
+    url = "%s/echo?tag=%s" % (upstream.http_url, tag)  # type: ignore[attr-defined]
+    result = run(wrapped, "-c", code, str(unix_broker.port), url)  # type: ignore[attr-defined]
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "HTTP/1.1 200 OK", lines
+    assert lines[1] == "200 /echo", lines
+    assert upstream.request_count(tag) == 2  # type: ignore[attr-defined]
+    entries = [e for e in unix_broker.audit(mark) if tag in str(e.get("target")) or e.get("operation") == "connect"]  # type: ignore[attr-defined]
+    assert entries and all(e.get("metadata", {}).get("peer") in ("unix", None) for e in entries), entries
+
+
+# -- what the namespace itself must hold --------------------------------------------------------------------
+
+ESCAPE = r"""
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapPrm", "CapBnd"))]
+try:
+    fd = os.open("/proc/%s/ns/net" % sys.argv[1], os.O_RDONLY)
+except OSError as exc:  # without CAP_SYS_PTRACE another root process's files cannot even be opened
+    print(" ".join(caps), "open", errno.errorcode[exc.errno])
+else:
+    rc = libc.setns(fd, 0x40000000)  # CLONE_NEWNET: into that process's (the host's) namespace
+    print(" ".join(caps), rc, errno.errorcode.get(ctypes.get_errno(), "0") if rc else "escaped")
+"""
+
+
+@pytest.fixture
+def host_process() -> Iterator[int]:
+    """A process of the test runner's user in the host's network namespace, to try setns() into."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_no_way_back_to_the_host_namespace(wrapped: Path, host_process: int) -> None:
+    """Root keeps CAP_SYS_ADMIN through unshare/bwrap; the relay drops it, so setns() fails."""
+    result = run(wrapped, "-S", "-c", ESCAPE, str(host_process))
+    assert result.returncode == 0, result.stderr
+    *caps, step, err = result.stdout.split()
+    assert set(caps) == {"0000000000000000"}, caps
+    assert (step, err) in (("open", "EACCES"), ("open", "EPERM"), ("-1", "EPERM")), result.stdout
+
+
+def test_exit_status_and_arguments_pass_through(wrapped: Path) -> None:
+    result = run(wrapped, "-c", "import sys; print(sys.argv[1:]); sys.exit(5)", "a b", "$HOME", "")
+    assert result.returncode == 5
+    assert result.stdout.strip() == "['a b', '$HOME', '']"
+    killed = run(wrapped, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode in (-9, 137), killed.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_relay_and_command_die_together(wrapped: Path, sig: int) -> None:
+    """Stopping the wrapper stops the command; the command ending ends the relay (no stray process)."""
+    code = "import os, sys, time; print(os.getpid(), os.getppid(), flush=True); time.sleep(120)"
+    proc = subprocess.Popen([str(wrapped), "-c", code], env=clean_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        command_pid, relay_pid = map(int, proc.stdout.readline().split())
+        assert _alive(command_pid) and _alive(relay_pid)
+        proc.send_signal(sig)
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while (_alive(command_pid) or _alive(relay_pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(command_pid), "the command outlived the wrapper"
+        assert not _alive(relay_pid), "the relay outlived the wrapper"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_relay_ends_with_the_command(wrapped: Path) -> None:
+    result = run(wrapped, "-c", "import os; print(os.getppid())")
+    relay_pid = int(result.stdout)
+    deadline = time.monotonic() + 5
+    while _alive(relay_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(relay_pid)
+
+
+@pytest.mark.parametrize("which", netns.BACKENDS)
+def test_each_backend(which: str, shim_env_factory: object, unix_broker: object, upstream: object,
+                      outside: Listener, tmp_path: Path, host_process: int) -> None:
+    """Both ways into a namespace hold: ctypes refused, setns refused, the broker reachable.
+
+    On the oldest Python available, which also runs the relay (it must stay 3.8-compatible).
+    """
+    _need_backend(which)
+    oldest = min(PYTHONS, key=lambda v: tuple(map(int, v.split("."))))
+    env = shim_env_factory(oldest)  # type: ignore[operator]
+    wrapper = make_wrapper(env, unix_broker, tmp_path / "w", which)
+    assert ("--unshare-net" in wrapper.read_text()) == (which == "bwrap")
+    result = run(wrapper, "-c", CTYPES_CONNECT, outside.host, str(outside.port))
+    assert result.stdout.split()[0] == "-1", result.stdout + result.stderr
+    assert run(wrapper, "-S", "-c", ESCAPE, str(host_process)).stdout.split()[-1] in ("EACCES", "EPERM")
+    if os.geteuid() == 0:
+        # Why the relay drops capabilities: the same namespace without that step lets root out.
+        bare = netns.backend_prefix(which, which) + [env.python, "-S", "-c", ESCAPE, str(host_process)]
+        escaped = subprocess.run(bare, env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert escaped.stdout.split()[-1] == "escaped", escaped.stdout + escaped.stderr
+    tag = uuid.uuid4().hex
+    fetched = run(wrapper, "-c", "import urllib.request, sys; print(urllib.request.urlopen(sys.argv[1], timeout=10).status)",
+                  "%s/echo?tag=%s" % (upstream.http_url, tag))  # type: ignore[attr-defined]
+    assert fetched.stdout.strip() == "200", fetched.stdout + fetched.stderr
+    assert upstream.request_count(tag) == 1  # type: ignore[attr-defined]
+    assert outside.settle() == 0
+
+
+def test_relay_file_is_the_target_environments_own(wrapped: Path, shim: ShimEnv) -> None:
+    """The wrapper runs the relay from the target environment, so it survives this checkout."""
+    text = wrapped.read_text()
+    assert str(shim.root) in text.split("--unix")[0].split("-S", 1)[1]
+    assert str(ROOT) not in text
