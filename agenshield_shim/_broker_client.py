@@ -1,0 +1,97 @@
+"""A minimal client for the broker's own endpoints, shared by the library hooks.
+
+The hooks need to ask the broker one thing outside the libraries they patch: *why* it refused a
+destination (a refused ``CONNECT`` carries only a status and an ``X-Proxy-Error`` code, and the
+libraries discard the body). One JSON-RPC ``policy_check`` call, made only on the refusal path,
+answers it. This module knows the broker protocol and no HTTP library; it uses a plain socket (or
+asyncio streams), which the guard lets through because the destination is the broker.
+"""
+
+from typing import Optional
+
+#: The bodies of the broker's forward-proxy refusals (403 policy, 502 upstream) when it sends no
+#: ``X-Proxy-Error`` header (the AgenShield daemon does not, on forwards).
+FORWARD_REFUSAL_BODIES = (b"Blocked by AgenShield URL policy", b"Proxy error")
+
+
+def broker_url(host: str, port: int) -> str:
+    """The broker as a proxy URL (IPv6 literals in brackets)."""
+    shown = "[%s]" % host if ":" in host and not host.startswith("[") else host
+    return "http://%s:%d" % (shown, port)
+
+
+
+def policy_check_request(host: str, target: str) -> bytes:
+    """The raw ``POST /rpc`` asking the broker why ``target`` is refused (ASCII JSON, one write)."""
+    import json
+
+    body = json.dumps({
+        "jsonrpc": "2.0", "id": 1, "method": "policy_check",
+        "params": {"operation": "connect" if "://" not in target else "http_request", "target": target},
+    }).encode("ascii")
+    head = "POST /rpc HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
+        "Connection: close\r\n\r\n" % (host, len(body))
+    return head.encode("ascii") + body
+
+
+def policy_check_reason(raw: bytes) -> Optional[str]:
+    """The ``reason`` of a ``policy_check`` answer (HTTP/1.1, maybe chunked); None if there is none."""
+    import json
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        decoded = b""
+        while body:
+            size_line, _, rest = body.partition(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0], 16)
+            except ValueError:
+                return None
+            if size == 0:
+                break
+            decoded, body = decoded + rest[:size], rest[size + 2 :]
+        body = decoded
+    try:
+        result = json.loads(body.decode("utf-8"))["result"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(result, dict) or result.get("allowed"):
+        return None
+    reason = result.get("reason")
+    return reason if isinstance(reason, str) and reason else None
+
+
+async def ask_broker_reason(host: str, port: int, target: str, timeout: float = 1.0) -> Optional[str]:
+    """The broker's reason for refusing ``target`` (``host:port`` or a URL); None when unknown."""
+    import asyncio
+
+    async def ask() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(policy_check_request(host, target))
+            return await reader.read()
+        finally:
+            writer.close()
+
+    try:
+        return policy_check_reason(await asyncio.wait_for(ask(), timeout))
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return None
+
+
+def ask_broker_reason_sync(host: str, port: int, target: str, timeout: float = 1.0) -> Optional[str]:
+    """The broker's reason for refusing ``target``, asked with one ``policy_check`` (refusals only)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout) as sock:
+            sock.sendall(policy_check_request(host, target))
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError:
+        return None
+    return policy_check_reason(b"".join(chunks))

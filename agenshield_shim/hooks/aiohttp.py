@@ -1,0 +1,158 @@
+"""aiohttp: every ``ClientSession`` request and websocket goes through the broker, its HTTP proxy.
+
+Patches: ``aiohttp.ClientSession._request``.
+
+Why that seam: every public way aiohttp has to make a request funnels into it on every release
+from 3.9 to 3.14 (``request``, ``get``/``post``/..., ``ws_connect`` via ``request``, and the
+module-level ``aiohttp.request``), and its ``proxy=`` argument is the one aiohttp itself honours
+before it looks at the session's default proxy (3.10+) or at ``HTTP(S)_PROXY``/``NO_PROXY``
+(``trust_env``). Setting it there keeps aiohttp's own logic intact: the pool is keyed by the
+proxy, plain ``http://`` and ``ws://`` go in absolute form (the broker forwards them, upgrades
+included), ``https://`` and ``wss://`` through a ``CONNECT`` tunnel with TLS verified end to end
+against the real host, redirects re-use the same proxy hop after hop. A connector-level seam
+would have to fake the request's proxy after its pool key and request line were decided.
+
+Sessions on a connector that is not a ``TCPConnector`` (``UnixConnector``, ``NamedPipeConnector``)
+talk to a local socket, not to the network, and are left alone. Anything that bypasses the session
+(a hand-driven connector) is not routed but still meets the guard, which refuses it.
+
+Errors keep aiohttp's own types, with messages that say what happened:
+
+- the broker refuses the destination (``CONNECT`` answered 403/502, or a forwarded plain-HTTP
+  request answered with the broker's refusal): ``aiohttp.ClientHttpProxyError`` naming AgenShield,
+  the destination and the broker's reason;
+- the broker cannot be reached: ``aiohttp.ClientProxyConnectionError`` naming the broker.
+
+Only the ``tunnel`` transport routes here; with ``rpc`` aiohttp is left to another hook.
+"""
+
+import functools
+from types import ModuleType
+from typing import Any, Optional
+
+from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, broker_url
+
+TARGET = "aiohttp"
+
+#: Plain-text bodies of the broker's forward-proxy refusals (the daemon's, without X-Proxy-Error).
+_PLAIN_SCHEMES = ("http", "ws")
+
+
+def install(module: ModuleType) -> None:
+    """Route ``module.ClientSession`` through the broker (a second call is a no-op)."""
+    session_class = module.ClientSession
+    original = session_class._request
+    if getattr(original, "__agenshield_original__", None) is not None:
+        return
+    from .._boot import active_config
+
+    config = active_config()
+    if config is None or config.transport != "tunnel":
+        return
+    router = _Router(module, config.broker_host, config.broker_port, config.broker)
+
+    @functools.wraps(original)
+    async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
+        if not router.routes(self):
+            return await original(self, method, str_or_url, **kwargs)
+        return await router.request(original, self, method, str_or_url, kwargs)
+
+    _request.__agenshield_original__ = original  # type: ignore[attr-defined]
+    session_class._request = _request
+
+
+class _Router:
+    """What the wrapper needs: aiohttp's types, the broker's URL, and the error translation."""
+
+    def __init__(self, module: ModuleType, host: str, port: int, broker: str) -> None:
+        self.errors = module
+        self.host = host
+        self.port = port
+        self.proxy = broker_url(host, port)
+        self.broker = broker
+        self.tcp_connector = module.TCPConnector
+
+    def routes(self, session: Any) -> bool:
+        """Only sessions that open TCP connections go through the broker."""
+        return isinstance(getattr(session, "_connector", None), self.tcp_connector)
+
+    async def request(self, original: Any, session: Any, method: str, url: Any, kwargs: Any) -> Any:
+        # The app's proxy (argument, session default, environment) is replaced; credentials and
+        # headers meant for that proxy are not sent to the broker.
+        kwargs["proxy"] = self.proxy
+        kwargs.pop("proxy_auth", None)
+        kwargs["proxy_headers"] = None
+        errors = self.errors
+        try:
+            response = await original(session, method, url, **kwargs)
+        except errors.ClientHttpProxyError as exc:
+            raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
+        except errors.ClientProxyConnectionError as exc:
+            raise self.unreachable(exc) from exc
+        except errors.ClientResponseError as exc:
+            # raise_for_status=True raised on a forwarded request the broker refused
+            if not _is_forward_refusal(exc.request_info.url, exc.status, exc.headers):
+                raise
+            raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
+        return await self.check_forwarded(response)
+
+    async def check_forwarded(self, response: Any) -> Any:
+        """A plain-HTTP request is forwarded: the broker's refusal arrives as a response."""
+        if not _is_forward_refusal(response.url, response.status, response.headers):
+            return response
+        body = await response.read()
+        if "X-Proxy-Error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
+            return response  # an upstream's own 403/502
+        response.release()
+        reason = body.decode("utf-8", "replace").strip() or (response.reason or "")
+        raise await self.refused(response.request_info, response.history, response.status, reason, response.headers)
+
+    async def refused(self, request_info: Any, history: Any, status: Optional[int], reason: Any, headers: Any) -> Exception:
+        """aiohttp's own ``ClientHttpProxyError``, with a message people can act on."""
+        kind = headers.get("X-Proxy-Error") if headers is not None else None
+        url = request_info.url
+        why = "%s %s" % (status, reason or "")
+        if kind:
+            why = "%s, %s" % (why.strip(), kind)
+        if status == 403 and kind in (None, "blocked-by-policy"):
+            plain = getattr(url, "scheme", None) in _PLAIN_SCHEMES
+            target = str(url) if plain else _destination(url).split("://", 1)[-1]
+            explained = await ask_broker_reason(self.host, self.port, target)
+            if explained:
+                why = "%s: %s" % (why.strip(), explained)
+        message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(url), why.strip())
+        return self.errors.ClientHttpProxyError(  # type: ignore[no-any-return]
+            request_info, history, status=status, message=message, headers=headers,
+        )
+
+    def unreachable(self, exc: Any) -> Exception:
+        """The broker is down: say so, instead of aiohttp's generic 'Cannot connect to host'."""
+        os_error = exc.os_error
+        text = "AgenShield: the broker at %s is not reachable (%s); every request is routed through it" % (
+            self.broker, os_error.strerror or os_error,
+        )
+        return self.errors.ClientProxyConnectionError(  # type: ignore[no-any-return]
+            exc._conn_key, OSError(os_error.errno, text),
+        )
+
+
+def _is_forward_refusal(url: Any, status: Optional[int], headers: Any) -> bool:
+    """Could this answer to a plain-HTTP request be the broker's refusal (rather than the upstream's)?"""
+    if url is None or url.scheme not in _PLAIN_SCHEMES or status not in (403, 502):
+        return False
+    if headers is None:
+        return False
+    if "X-Proxy-Error" in headers:
+        return True
+    length = headers.get("Content-Length")
+    return length is not None and length.strip() in ("11", "32", "12", "33")
+
+
+def _destination(url: Any) -> str:
+    """``scheme://host:port`` of a URL (explicit port, so the message shows what was tunnelled)."""
+    try:
+        host = url.raw_host or url.host or ""
+        shown = "[%s]" % host if ":" in host else host
+        return "%s://%s:%s" % (url.scheme, shown, url.port)
+    except AttributeError:
+        return str(url)

@@ -1,0 +1,281 @@
+"""httpx: every ``HTTPTransport`` and ``AsyncHTTPTransport`` has the broker as its proxy.
+
+Patches: ``httpx.HTTPTransport.__init__`` and ``.handle_request``,
+``httpx.AsyncHTTPTransport.__init__`` and ``.handle_async_request``.
+
+Why that seam: it is the one place every networking httpx client goes through on 0.23 to 0.28.
+``Client`` and ``AsyncClient`` build their default transport and every proxy mount (``proxies=``
+on 0.23-0.27, ``proxy=``/``mounts=`` on 0.26+, ``HTTP(S)_PROXY``/``ALL_PROXY`` with
+``trust_env``) as instances of these classes, and a ``NO_PROXY`` match only sends the request to
+the default transport, which is routed too. Giving the constructor ``proxy=httpx.Proxy(broker)``
+lets httpcore do what it does for any HTTP proxy: ``CONNECT`` tunnels for ``https://`` (TLS
+verified end to end against the real host, HTTP/2 negotiated inside the tunnel when ``http2=True``)
+and absolute-form forwarding for plain ``http://``, with its own pooling and keep-alive.
+
+Left alone: transports that do no networking (``MockTransport``, ``WSGITransport``,
+``ASGITransport``, any other ``BaseTransport`` of the application's), and a transport built with
+``uds=`` (a Unix socket is local). Anything that bypasses httpx's transports still meets the
+guard, which refuses it.
+
+Errors keep httpx's own types, with messages that say what happened:
+
+- the broker refuses the destination (``CONNECT`` answered 403/502, or a forwarded plain-HTTP
+  request answered with the broker's refusal): ``httpx.ProxyError`` naming AgenShield, the
+  destination and the broker's reason;
+- the broker cannot be reached: ``httpx.ConnectError`` naming the broker.
+
+Only the ``tunnel`` transport routes here; with ``rpc`` httpx is left to another hook.
+"""
+
+import functools
+from types import ModuleType
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, ask_broker_reason_sync, broker_url
+
+TARGET = "httpx"
+
+_ROUTED = "_agenshield_routed"
+#: Plain-text bodies of the broker's forward-proxy refusals (the daemon's, without X-Proxy-Error).
+_MAX_REFUSAL_BODY = 4096
+
+
+def install(module: ModuleType) -> None:
+    """Route ``module.HTTPTransport`` and ``AsyncHTTPTransport`` through the broker (idempotent)."""
+    if getattr(module.HTTPTransport.__init__, "__agenshield_original__", None) is not None:
+        return
+    from .._boot import active_config
+
+    config = active_config()
+    if config is None or config.transport != "tunnel":
+        return
+    errors = _Errors(module, config.broker_host, config.broker_port, config.broker)
+    proxy_url = broker_url(config.broker_host, config.broker_port)
+    for cls in (module.HTTPTransport, module.AsyncHTTPTransport):
+        cls.__init__ = _routed_init(cls.__init__, module, proxy_url)
+    sync_cls = module.HTTPTransport
+    sync_cls.handle_request = _sync_handler(sync_cls.handle_request, errors)
+    async_cls = module.AsyncHTTPTransport
+    async_cls.handle_async_request = _async_handler(async_cls.handle_async_request, errors)
+
+
+# -- construction -----------------------------------------------------------------------------
+
+
+def _parameter_positions(function: Callable[..., Any]) -> Dict[str, int]:
+    """Positions of ``__init__``'s parameters in ``*args`` (after ``self``): the order moved in 0.28."""
+    code = function.__code__
+    names = code.co_varnames[1 : code.co_argcount]
+    return {name: index for index, name in enumerate(names)}
+
+
+def _argument(name: str, positions: Dict[str, int], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    index = positions.get(name)
+    if index is not None and index < len(args):
+        return args[index]
+    return kwargs.get(name)
+
+
+def _routed_init(original: Callable[..., None], module: ModuleType, proxy_url: str) -> Callable[..., None]:
+    """``__init__`` with ``proxy`` replaced by the broker, unless the transport is a Unix socket's."""
+    positions = _parameter_positions(original)
+    proxy_index = positions["proxy"]
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if _argument("uds", positions, args, kwargs) is not None:
+            original(self, *args, **kwargs)
+            return
+        proxy = module.Proxy(proxy_url)
+        if proxy_index < len(args):
+            args = args[:proxy_index] + (proxy,) + args[proxy_index + 1 :]
+        else:
+            kwargs["proxy"] = proxy
+        original(self, *args, **kwargs)
+        setattr(self, _ROUTED, True)
+
+    __init__.__agenshield_original__ = original  # type: ignore[attr-defined]
+    return __init__
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class _Errors:
+    """Turns httpx's proxy errors, as they come out of a routed transport, into clear ones."""
+
+    def __init__(self, module: ModuleType, host: str, port: int, broker: str) -> None:
+        self.module = module
+        self.host = host
+        self.port = port
+        self.broker = broker
+        import ssl
+
+        self.tls_errors = (ssl.SSLError, ssl.CertificateError)
+
+    def refused(self, request: Any, why: str, explained: Optional[str] = None) -> Exception:
+        if explained:
+            why = "%s: %s" % (why, explained)
+        message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(request.url), why)
+        return self.module.ProxyError(message, request=request)  # type: ignore[no-any-return]
+
+    def policy_target(self, request: Any, why: str) -> Optional[str]:
+        """What to ask ``policy_check`` about a refusal: only a 403 can be the policy's."""
+        if not why.startswith("403"):
+            return None
+        if request.url.scheme == "http":
+            return str(request.url)
+        return _destination(request.url).split("://", 1)[1]
+
+    def explain_sync(self, request: Any, why: str) -> Optional[str]:
+        target = self.policy_target(request, why)
+        return None if target is None else ask_broker_reason_sync(self.host, self.port, target)
+
+    async def explain_async(self, request: Any, why: str) -> Optional[str]:
+        target = self.policy_target(request, why)
+        if target is None:
+            return None
+        try:  # the asyncio backend (the common one); under trio the message goes without it
+            import asyncio
+
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return await ask_broker_reason(self.host, self.port, target)
+
+    def translate(self, exc: Exception, request: Any) -> Optional[Exception]:
+        """The clearer exception to raise instead of ``exc``, or None to let it through.
+
+        A refusal (``ProxyError``) is returned as is: the caller adds the broker's reason.
+        """
+        module = self.module
+        if isinstance(exc, module.ProxyError):
+            return exc  # type: ignore[no-any-return]
+        if isinstance(exc, module.ConnectError) and not self._is_tls(exc):
+            # Every connection of a routed transport goes to the broker; a failed TLS handshake
+            # (with the real host, inside the tunnel) is the only other ConnectError.
+            message = "AgenShield: the broker at %s is not reachable (%s); every request is routed through it" % (
+                self.broker, exc,
+            )
+            return module.ConnectError(message, request=request)  # type: ignore[no-any-return]
+        return None
+
+    def _is_tls(self, exc: BaseException) -> bool:
+        seen = 0
+        cause: Optional[BaseException] = exc
+        while cause is not None and seen < 8:
+            if isinstance(cause, self.tls_errors):
+                return True
+            cause = cause.__cause__ or cause.__context__
+            seen += 1
+        return "SSL" in str(exc) or "certificate" in str(exc).lower()
+
+    def forward_refusal(self, request: Any, response: Any) -> Optional[bytes]:
+        """Whether this answer to a plain-HTTP request may be the broker's refusal (body still unread).
+
+        Returns None when it cannot be; b"" when the header says it is; else the body must be read.
+        """
+        if request.url.scheme != "http" or response.status_code not in (403, 502):
+            return None
+        headers = response.headers
+        if "x-proxy-error" in headers:
+            return b""
+        length = headers.get("content-length")
+        if length is None or length.strip() not in ("11", "32", "12", "33"):
+            return None
+        return b"?"
+
+    def refusal_reason(self, response: Any, body: bytes) -> str:
+        kind = response.headers.get("x-proxy-error")
+        text = body.decode("utf-8", "replace").strip()
+        why = "%d %s" % (response.status_code, text)
+        return "%s, %s" % (why, kind) if kind else why
+
+
+def _sync_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def handle_request(self: Any, request: Any) -> Any:
+        if not getattr(self, _ROUTED, False):
+            return original(self, request)
+        try:
+            response = original(self, request)
+        except Exception as exc:
+            better = errors.translate(exc, request)
+            if better is None:
+                raise
+            if better is exc:  # refused: httpcore says "<status> <reason>"
+                raise errors.refused(request, str(exc), errors.explain_sync(request, str(exc))) from exc
+            raise better from exc
+        if errors.forward_refusal(request, response) is None:
+            return response
+        body = _read_sync(response)
+        if "x-proxy-error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
+            return _replay(errors.module, response, body)
+        why = errors.refusal_reason(response, body)
+        raise errors.refused(request, why, errors.explain_sync(request, why))
+
+    handle_request.__agenshield_original__ = original  # type: ignore[attr-defined]
+    return handle_request
+
+
+def _async_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def handle_async_request(self: Any, request: Any) -> Any:
+        if not getattr(self, _ROUTED, False):
+            return await original(self, request)
+        try:
+            response = await original(self, request)
+        except Exception as exc:
+            better = errors.translate(exc, request)
+            if better is None:
+                raise
+            if better is exc:  # refused: httpcore says "<status> <reason>"
+                explained = await errors.explain_async(request, str(exc))
+                raise errors.refused(request, str(exc), explained) from exc
+            raise better from exc
+        if errors.forward_refusal(request, response) is None:
+            return response
+        body = await _read_async(response)
+        if "x-proxy-error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
+            return _replay(errors.module, response, body)
+        why = errors.refusal_reason(response, body)
+        raise errors.refused(request, why, await errors.explain_async(request, why))
+
+    handle_async_request.__agenshield_original__ = original  # type: ignore[attr-defined]
+    return handle_async_request
+
+
+def _read_sync(response: Any) -> bytes:
+    """The raw body of a (small) transport-level response; the connection goes back to the pool."""
+    try:
+        return b"".join(part for part in response.stream)[:_MAX_REFUSAL_BODY]
+    finally:
+        response.stream.close()
+
+
+async def _read_async(response: Any) -> bytes:
+    chunks = []
+    try:
+        async for part in response.stream:
+            chunks.append(part)
+    finally:
+        await response.stream.aclose()
+    return b"".join(chunks)[:_MAX_REFUSAL_BODY]
+
+
+def _replay(module: ModuleType, response: Any, body: bytes) -> Any:
+    """The upstream's own 403/502, read to tell it from a refusal: give it back, body and all."""
+    return module.Response(
+        status_code=response.status_code,
+        headers=response.headers,
+        content=body,
+        extensions=response.extensions,
+    )
+
+
+def _destination(url: Any) -> str:
+    """``scheme://host:port`` of an ``httpx.URL`` (explicit port, so the message shows the tunnel)."""
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    host = url.host
+    shown = "[%s]" % host if ":" in host else host
+    return "%s://%s:%s" % (url.scheme, shown, port)
