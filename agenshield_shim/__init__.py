@@ -11,7 +11,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Optional
 
 __version__ = "0.1.0"
-__all__ = ["NetworkBlockedError", "ShimConfigError", "__version__"]
+__all__ = [
+    "NetworkBlockedError",
+    "PythonPatcher",
+    "ShimConfigError",
+    "__version__",
+    "generate_python_wrapper",
+    "generate_sandbox_profile",
+]
 
 
 class NetworkBlockedError(ConnectionRefusedError):
@@ -32,9 +39,18 @@ class NetworkBlockedError(ConnectionRefusedError):
         self.broker = broker
 
 
-def __getattr__(name: str) -> object:  # PEP 562: loaded on first use
-    if name == "ShimConfigError":
-        from ._config import ShimConfigError
+_LAZY = {
+    "ShimConfigError": "agenshield_shim._config",
+    "PythonPatcher": "agenshield_shim.api",
+    "generate_python_wrapper": "agenshield_shim.api",
+    "generate_sandbox_profile": "agenshield_shim.api",
+}
 
-        return ShimConfigError
-    raise AttributeError("module 'agenshield_shim' has no attribute %r" % (name,))
+
+def __getattr__(name: str) -> object:  # PEP 562: loaded on first use, never at start
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError("module 'agenshield_shim' has no attribute %r" % (name,))
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

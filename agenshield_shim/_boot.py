@@ -46,6 +46,7 @@ VARIABLES = (
 #: (module whose import triggers the hook, "hook module:function"), registered in this order.
 HOOKS = (
     ("socket", "agenshield_shim.hooks.socket:install"),
+    ("http.client", "agenshield_shim.hooks.http_client:install"),
     ("aiohttp", "agenshield_shim.hooks.aiohttp:install"),
     ("httpx", "agenshield_shim.hooks.httpx:install"),
 )

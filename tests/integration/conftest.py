@@ -253,3 +253,171 @@ def udp_listener() -> Iterator[Listener]:
     listener = Listener("127.0.0.2", socket.SOCK_DGRAM)
     yield listener
     listener.close()
+
+
+# --- routing fixtures: broker and upstream servers ---
+# API (used by test_routing_sync.py and the aiohttp/httpx routing tests):
+#
+#   upstream          session: tests/integration/upstream.py's Upstream, started once in this
+#                     process: .http_url (http://127.0.0.1:P), .https_url (https://localhost:P),
+#                     .http_port, .https_port, .ca_file, .wrong_ca_file, .index_wheel,
+#                     .connection_count(tag), .request_count(tag). Endpoints: see upstream.py.
+#   broker            session: the reference broker (python -m agenshield_shim.broker, default
+#                     policy: loopback only) as a subprocess -> BrokerHandle.
+#   deny_broker       session: a broker whose policy denies the upstream's two ports (rule id
+#                     "deny-upstream"; every other loopback destination is allowed).
+#   unix_broker       session: a broker listening on 127.0.0.1:P and on a Unix socket;
+#                     .env also carries AGENSHIELD_BROKER_SOCKET.
+#   start_broker      session: start_broker(*cli_args) -> BrokerHandle, stopped at session end.
+#   dead_broker_port  a free TCP port on 127.0.0.1 with nothing listening (broker down).
+#   silent_broker     a TCP port on 127.0.0.1 that accepts connections and never answers.
+#
+# BrokerHandle: .host, .port, .url, .pid, .audit_file, .socket_path (or None),
+#   .env  -> {"AGENSHIELD_BROKER_HOST": "127.0.0.1", "AGENSHIELD_BROKER_PORT": str(port)}
+#            (pass to ShimEnv.run(..., env=broker.env); add your own keys with {**broker.env, ...}),
+#   .audit()               -> every audit entry so far (list of dicts: operation, target, result, ...),
+#   .mark() / .audit(mark) -> entries written after a mark,
+#   .connects(target, mark=None) / .forwards(substring, mark=None) -> the matching entries
+#            ("connect" entries whose target is exactly "host:port"; "forward" entries whose URL
+#            contains the substring).
+
+import json as _json
+import tempfile as _tempfile
+import time as _time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # aiohttp loads only when a test asks for the upstream
+    from .upstream import Upstream
+
+
+class BrokerHandle:
+    """A running reference broker subprocess; see the API comment above."""
+
+    def __init__(self, workdir: Path, args: Tuple[str, ...]) -> None:
+        self.workdir = workdir
+        self.ready_file = str(workdir / "ready")
+        self.audit_file = str(workdir / "audit.jsonl")
+        self.socket_path: Optional[str] = None
+        if "--unix" in args:
+            self.socket_path = args[args.index("--unix") + 1]
+        env = clean_env(PYTHONPATH=str(ROOT))
+        self._log = open(workdir / "broker.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agenshield_shim.broker", "--host", "127.0.0.1", "--port", "0",
+             "--ready-file", self.ready_file, "--audit", self.audit_file, *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(workdir),
+        )
+        deadline = _time.monotonic() + 30
+        while not os.path.exists(self.ready_file):
+            if self.proc.poll() is not None or _time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("broker did not start: %s" % (workdir / "broker.log").read_text())
+            _time.sleep(0.02)
+        first = Path(self.ready_file).read_text().split()[0]
+        self.host, _, port = first.rpartition(":")
+        self.port = int(port)
+        self.pid = self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return "http://%s:%d" % (self.host, self.port)
+
+    @property
+    def env(self) -> Dict[str, str]:
+        env = {"AGENSHIELD_BROKER_HOST": self.host, "AGENSHIELD_BROKER_PORT": str(self.port)}
+        if self.socket_path:
+            env["AGENSHIELD_BROKER_SOCKET"] = self.socket_path
+        return env
+
+    def mark(self) -> int:
+        return len(self.audit())
+
+    def audit(self, mark: int = 0) -> List[Dict[str, object]]:
+        try:
+            lines = Path(self.audit_file).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [_json.loads(line) for line in lines[mark:] if line.strip()]
+
+    def connects(self, target: str, mark: int = 0) -> List[Dict[str, object]]:
+        return [e for e in self.audit(mark) if e.get("operation") == "connect" and e.get("target") == target]
+
+    def forwards(self, substring: str, mark: int = 0) -> List[Dict[str, object]]:
+        return [e for e in self.audit(mark) if e.get("operation") == "forward" and substring in str(e.get("target"))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> "Iterator[Upstream]":
+    from .upstream import Upstream
+
+    server = Upstream.start(tmp_path_factory.mktemp("upstream"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_broker(tmp_path_factory: pytest.TempPathFactory):
+    """``start_broker(*cli_args)``: another reference broker (stopped at the end of the session)."""
+    started: List[BrokerHandle] = []
+
+    def start(*args: str) -> BrokerHandle:
+        handle = BrokerHandle(tmp_path_factory.mktemp("broker"), tuple(args))
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(start_broker) -> BrokerHandle:
+    return start_broker()
+
+
+@pytest.fixture(scope="session")
+def deny_broker(start_broker, upstream: "Upstream", tmp_path_factory: pytest.TempPathFactory) -> BrokerHandle:
+    policy = tmp_path_factory.mktemp("policy") / "deny-upstream.toml"
+    policy.write_text(
+        '[[rules]]\nid = "deny-upstream"\naction = "deny"\nhosts = ["127.0.0.1", "localhost", "::1"]\n'
+        "ports = [%d, %d]\n\n"
+        '[[rules]]\nid = "loopback"\naction = "allow"\nhosts = ["localhost", "127.0.0.0/8", "::1/128"]\n'
+        % (upstream.http_port, upstream.https_port)
+    )
+    return start_broker("--policy", str(policy))
+
+
+@pytest.fixture(scope="session")
+def unix_broker(start_broker) -> BrokerHandle:
+    # AF_UNIX paths are limited to ~107 bytes: pytest's tmp paths can be longer
+    path = os.path.join(_tempfile.mkdtemp(prefix="agsb-"), "broker.sock")
+    return start_broker("--unix", path)
+
+
+@pytest.fixture
+def dead_broker_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[int]:
+    """Accepts (the kernel completes the handshake from the backlog) and never says a word."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    yield server.getsockname()[1]
+    server.close()

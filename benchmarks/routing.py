@@ -1,0 +1,161 @@
+"""What routing through the shim costs, per library: ``python benchmarks/routing.py``.
+
+Side by side in one run, on loopback only, against one upstream (the broker benchmark's aiohttp
+upstream, in its own process) and one reference broker (the real CLI, in its own process):
+
+* **shim**: a virtual environment with the wheel; the library is used as the application would,
+  with no proxy setting (the hook routes it to the broker);
+* **by hand**: a virtual environment without the shim, the library configured with the broker as
+  its proxy (what the shim should cost nothing over: budget <= 1.05x);
+* **direct**: the same library straight to the upstream (reported for scale).
+
+For requests, httpx and aiohttp: the median latency of small keep-alive GETs on one session, and
+the best-of-3 throughput of a 20 MB download. Then the first-import cost of each library
+(``python -c "import X"`` minus ``python -c pass``) with and without the shim (budget <= 1.15x).
+Every loop is bounded; the whole run takes a few minutes.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venvs import ROOT, build_wheel, clean_env, make_venv  # noqa: E402
+
+LIBRARIES = ("requests", "httpx", "aiohttp")
+
+CLIENT = r'''
+import json, sys, time
+lib, mode, base, broker, n, size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+proxy = broker if mode == "by hand" else None
+small, big = base + "/small", base + "/big?n=%d" % size
+lat, rates = [], []
+if lib == "requests":
+    import requests
+    s = requests.Session()
+    s.trust_env = False
+    proxies = {"http": proxy, "https": proxy} if proxy else None
+    s.get(small, proxies=proxies).content
+    for _ in range(n):
+        t = time.perf_counter(); s.get(small, proxies=proxies).content; lat.append(time.perf_counter() - t)
+    for _ in range(3):
+        t = time.perf_counter(); got = len(s.get(big, proxies=proxies).content); rates.append(got / (time.perf_counter() - t))
+elif lib == "httpx":
+    import httpx
+    kw = {"proxy": proxy} if proxy and tuple(map(int, httpx.__version__.split(".")[:2])) >= (0, 26) else ({"proxies": proxy} if proxy else {})
+    with httpx.Client(trust_env=False, **kw) as c:
+        c.get(small).content
+        for _ in range(n):
+            t = time.perf_counter(); c.get(small).content; lat.append(time.perf_counter() - t)
+        for _ in range(3):
+            t = time.perf_counter(); got = len(c.get(big).content); rates.append(got / (time.perf_counter() - t))
+else:
+    import asyncio, aiohttp
+    async def main():
+        async with aiohttp.ClientSession(trust_env=False) as s:
+            async with s.get(small, proxy=proxy) as r: await r.read()
+            for _ in range(n):
+                t = time.perf_counter()
+                async with s.get(small, proxy=proxy) as r: await r.read()
+                lat.append(time.perf_counter() - t)
+            for _ in range(3):
+                t = time.perf_counter()
+                async with s.get(big, proxy=proxy) as r: got = len(await r.read())
+                rates.append(got / (time.perf_counter() - t))
+    asyncio.run(main())
+lat.sort()
+print(json.dumps({"latency": lat[len(lat) // 2], "rate": max(rates)}))
+'''
+
+
+def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess.Popen[str]", str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if marker in line:
+            return proc, line.strip()
+    proc.kill()
+    raise RuntimeError("%s did not start" % cmd)
+
+
+def import_cost(python: str, module: str, runs: int) -> float:
+    def wall(code: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([python, "-c", code], check=True, env=clean_env())
+        return time.perf_counter() - t
+
+    pairs = [(wall("import " + module), wall("pass")) for _ in range(runs)]
+    return statistics.median(a for a, _ in pairs) - statistics.median(b for _, b in pairs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--requests", type=int, default=300, help="small requests per library and mode")
+    parser.add_argument("--size-mb", type=int, default=20)
+    parser.add_argument("--import-runs", type=int, default=20)
+    args = parser.parse_args()
+    size = args.size_mb * 1000 * 1000
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        wheel = build_wheel(tmp / "wheel")
+        shim = make_venv(args.python, tmp / "shim", wheel, *LIBRARIES)
+        bare = make_venv(args.python, tmp / "bare", None, *LIBRARIES)
+        env = clean_env(PYTHONPATH=str(ROOT))
+        upstream, line = start([sys.executable, str(ROOT / "benchmarks" / "broker.py"), "--upstream"], "upstream", env)
+        up_port = int(line.split()[-1])
+        ready = tmp / "broker.ready"
+        broker, _ = start(
+            [sys.executable, "-m", "agenshield_shim.broker", "--port", "0", "--ready-file", str(ready),
+             "--audit", str(tmp / "audit.jsonl")],
+            "listening", env,
+        )
+        broker_port = int(ready.read_text().strip().rsplit(":", 1)[1])
+        try:
+            base = "http://127.0.0.1:%d" % up_port
+            broker_url = "http://127.0.0.1:%d" % broker_port
+            results: Dict[Tuple[str, str], Dict[str, float]] = {}
+            for lib in LIBRARIES:
+                for mode, python in (("shim", shim), ("by hand", bare), ("direct", bare)):
+                    out = subprocess.run(
+                        [python, "-c", CLIENT, lib, mode, base, broker_url, str(args.requests), str(size)],
+                        env=clean_env(AGENSHIELD_BROKER_PORT=str(broker_port)), capture_output=True, text=True,
+                        timeout=600,
+                    )
+                    if out.returncode != 0:
+                        raise RuntimeError("%s %s failed:\n%s" % (lib, mode, out.stderr))
+                    results[(lib, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
+            costs = {lib: (import_cost(bare, lib, args.import_runs), import_cost(shim, lib, args.import_runs))
+                     for lib in LIBRARIES}
+        finally:
+            broker.terminate()
+            upstream.terminate()
+            broker.wait(10)
+            upstream.wait(10)
+    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True).stdout.strip()
+    print("Python %s; %d small requests, best of 3 x %d MB; loopback" % (version, args.requests, args.size_mb))
+    print("%-9s %-8s %12s %9s %12s %9s" % ("library", "mode", "latency us", "vs hand", "MB/s", "vs hand"))
+    for lib in LIBRARIES:
+        hand = results[(lib, "by hand")]
+        for mode in ("shim", "by hand", "direct"):
+            r = results[(lib, mode)]
+            print("%-9s %-8s %12.0f %8.3fx %12.0f %8.3fx" % (
+                lib, mode, r["latency"] * 1e6, r["latency"] / hand["latency"], r["rate"] / 1e6, r["rate"] / hand["rate"]))
+    print("%-9s %14s %14s %8s" % ("import", "without ms", "with shim ms", "ratio"))
+    for lib, (without, with_shim) in costs.items():
+        print("%-9s %14.1f %14.1f %7.3fx" % (lib, without * 1000, with_shim * 1000, with_shim / without))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
