@@ -314,13 +314,14 @@ def _quiet_refusals() -> Callable[[], None]:
     return lambda: logger.removeFilter(drop)
 
 
-def check_tcp(shim: ShimState) -> Check:
+def _check_stream(shim: ShimState, name: str, label: str, make: Callable[[], Any]) -> Check:
+    """Connect a socket made by ``make`` to a listener of ours; passes if refused and nothing arrived."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         port = listener.getsockname()[1]
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client = make()
         client.settimeout(TIMEOUT)
         try:
             refused, why = _refused(shim, lambda: client.connect(("127.0.0.1", port)))
@@ -329,27 +330,19 @@ def check_tcp(shim: ShimState) -> Check:
         received = _pending(listener)
     finally:
         listener.close()
-    return _guard_result("guard: direct TCP", "connect to 127.0.0.1:%d" % port, refused, why, received)
+    return _guard_result(name, "%s 127.0.0.1:%d" % (label, port), refused, why, received)
+
+
+def check_tcp(shim: ShimState) -> Check:
+    return _check_stream(shim, "guard: direct TCP", "connect to", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
 
 
 def check_socket_module(shim: ShimState) -> Check:
     import _socket
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        port = listener.getsockname()[1]
-        raw = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-        raw.settimeout(TIMEOUT)
-        try:
-            refused, why = _refused(shim, lambda: raw.connect(("127.0.0.1", port)))
-        finally:
-            raw.close()
-        received = _pending(listener)
-    finally:
-        listener.close()
-    return _guard_result("guard: _socket", "_socket connect to 127.0.0.1:%d" % port, refused, why, received)
+    return _check_stream(
+        shim, "guard: _socket", "_socket connect to", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    )
 
 
 def check_udp(shim: ShimState) -> Check:

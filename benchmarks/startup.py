@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/startup.py [--python PATH] [--runs N]
 
-Everything is measured side by side in one run, interleaved, so the machine's
-noise falls on every column alike; the figures that matter are the ratios.
+Everything is measured side by side in one run, interleaved in a new random order
+each round, so the machine's noise falls on every column alike; the figures that
+matter are the ratios (of medians, and of lower quartiles, which noise moves less).
 
 1. ``python -c pass`` in a virtual environment without the shim, with it
    enabled, and with ``AGENSHIELD_ENABLED=false`` (budget: enabled <= 1.10x,
@@ -14,6 +15,7 @@ noise falls on every column alike; the figures that matter are the ratios.
 """
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -57,7 +59,7 @@ def inner(cmd: List[str], env: Dict[str, str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=sys.executable)
-    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -76,8 +78,11 @@ def main() -> int:
         for _ in range(3):  # warm the file cache
             for cmd, env in columns.values():
                 wall(cmd, env)
+        order = list(columns)
         for _ in range(args.runs):
-            for name, (cmd, env) in columns.items():
+            random.shuffle(order)  # no column always runs first (or right after another)
+            for name in order:
+                cmd, env = columns[name]
                 starts[name].append(wall(cmd, env))
         guard: Dict[str, List[float]] = {k: [] for k in ("open bare", "open shim", "import bare", "import shim")}
         for _ in range(max(5, args.runs // 4)):
@@ -89,10 +94,11 @@ def main() -> int:
                              capture_output=True, text=True).stdout.strip()
     print("Python %s, %d interleaved runs" % (version, args.runs))
     base = statistics.median(starts["bare"])
-    print("%-28s %10s %8s" % ("python -c pass", "median ms", "ratio"))
+    low = statistics.quantiles(starts["bare"], n=4)[0]
+    print("%-28s %10s %8s %10s %8s" % ("python -c pass", "median ms", "ratio", "p25 ms", "ratio"))
     for name, values in starts.items():
-        median = statistics.median(values)
-        print("%-28s %10.2f %7.3fx" % (name, median * 1000, median / base))
+        median, p25 = statistics.median(values), statistics.quantiles(values, n=4)[0]
+        print("%-28s %10.2f %7.3fx %10.2f %7.3fx" % (name, median * 1000, median / base, p25 * 1000, p25 / low))
     print("%-28s %10s %8s" % ("guard on other events", "median ms", "ratio"))
     for what in ("open", "import"):
         b, s = statistics.median(guard[what + " bare"]), statistics.median(guard[what + " shim"])
