@@ -16,7 +16,7 @@ import pytest
 
 from agenshield_shim.installer import LEGACY_SUFFIX
 
-from .conftest import PYTHONS, ROOT, Listener, ShimEnv, clean_env, make_venv
+from .conftest import skip_unless_local as _skip_unless_local, PYTHONS, ROOT, Listener, ShimEnv, clean_env, make_venv
 
 VERSIONS = [v for v in ("3.8", "3.11", "3.13") if v in PYTHONS]
 LEGACY = "# AgenShield Python Network Isolation\n_agenshield_patched = True\nLEGACY_RAN = True\n"
@@ -106,7 +106,7 @@ def test_install_with_the_shim_switched_off_in_the_caller(target: ShimEnv, wheel
 def test_old_python_refused(old: str, tmp_path: Path) -> None:
     found = sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("%s.*/bin/python%s" % (old, old)))
     if not found:
-        pytest.skip("no Python %s here" % old)
+        _skip_unless_local("no Python %s here" % old)
     result = cli("install", "--python", str(found[0]), "--wheel", str(tmp_path / "unused.whl"))
     assert result.returncode == 1
     assert "is Python %s." % old in result.stderr and "needs Python 3.8 or newer" in result.stderr

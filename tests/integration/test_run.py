@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import pytest
 
-from .conftest import PYTHONS, ROOT, Listener, ShimEnv, clean_env
+from .conftest import skip_unless_local as _skip_unless_local, PYTHONS, ROOT, Listener, ShimEnv, clean_env
 
 RUN_VERSION = next((v for v in ("3.11", "3.12", "3.13", "3.8") if v in PYTHONS), None)
 
@@ -45,7 +45,7 @@ def run_cmd(args: List[str], env: Dict[str, str] = None, **kwargs) -> "subproces
 @pytest.fixture(scope="module")
 def agent(shim_env_factory) -> ShimEnv:
     if RUN_VERSION is None:
-        pytest.skip("no supported Python")
+        _skip_unless_local("no supported Python")
     return shim_env_factory(RUN_VERSION)
 
 
@@ -131,7 +131,7 @@ def test_netns_sandbox(agent: ShimEnv, upstream, listener: Listener, tmp_path: P
     try:
         netns.find_backend()
     except netns.NetnsUnavailable as exc:
-        pytest.skip(str(exc))
+        _skip_unless_local(str(exc))
     result = run_cmd(["--sandbox", "netns", "--audit", str(tmp_path / "a"), "--", agent.python, "-c", CHILD,
                       upstream.http_url + "/echo?tag=run-netns", str(listener.port)],
                      env={"AGENSHIELD_BROKER_PORT": str(free_port())})

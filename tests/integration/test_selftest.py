@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from .conftest import PYTHONS, ShimEnv, clean_env, make_venv
+from .conftest import skip_unless_local as _skip_unless_local, PYTHONS, ShimEnv, clean_env, make_venv
 
 SELFTEST_VERSION = next((v for v in ("3.12", "3.11", "3.13") if v in PYTHONS), None)
 LIBRARIES = ("aiohttp>=3.9", "requests", "httpx")
@@ -33,7 +33,7 @@ def selftest(env: ShimEnv, *args: str, extra: Dict[str, str] = None) -> Tuple["s
 def full_env(shim_env_factory) -> ShimEnv:
     """A shim venv with the broker extra and every routed library."""
     if SELFTEST_VERSION is None:
-        pytest.skip("no Python 3.11-3.13 here")
+        _skip_unless_local("no Python 3.11-3.13 here")
     return shim_env_factory(SELFTEST_VERSION, *LIBRARIES)
 
 
