@@ -57,10 +57,13 @@ def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
     return scheme, host, port, authority, origin
 
 
-def _refusal(services: Services, status: int, text: str, kind: str) -> bytes:
+def _refusal(services: Services, status: int, text: str, kind: str, reason: Optional[str] = None) -> bytes:
     headers: Headers = [("Content-Type", "text/plain")]
     if services.ext:
         headers.append(("X-Proxy-Error", kind))
+        if reason:  # the body stays the daemon's fixed text; the policy's words go in a header
+            printable = "".join(c if " " <= c <= "~" else "?" for c in reason)[:512]
+            headers.append(("X-Proxy-Error-Reason", printable))
     return render_response(status, text.encode(), headers, close=True)
 
 
@@ -120,7 +123,7 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
     if not decision.allowed:
         services.count("forward_denied")
         services.audit_decision(conn, "forward", decision, shown, "denied", started, method=head.method)
-        cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy"))
+        cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy", decision.reason))
         await cw.drain()
         return False
     framing = request_framing(head.headers)

@@ -199,6 +199,9 @@ def _raise_forward_refusal(conn: Any, response: Any) -> None:
         body = response.read(_REASON_LIMIT)
     except Exception:
         body = b""
+    reason = response.getheader("X-Proxy-Error-Reason")  # the reference broker's rule reason
+    if reason:
+        body = b"%s: %s" % (body.strip(), reason.encode("ascii", "replace"))
     conn.close()
     route = _Route(config, "forward", target) if config is not None else None
     if route is None:

@@ -283,6 +283,7 @@ def test_forward_refusals_compat_vs_extension(make_broker: Any) -> None:
         out = raw_exchange(b.port, b"DELETE http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
         assert status_of(out) == 403 and out.endswith(b"Blocked by AgenShield URL policy")
         assert (b"X-Proxy-Error: blocked-by-policy" in out) is (not compat)
+        assert (b"X-Proxy-Error-Reason: Host 'example.com' is not allowed\r\n" in out) is (not compat), out
 
 
 def test_forward_rewrites_host_and_drops_hop_headers(broker: BrokerHandle, servers: Any) -> None:
