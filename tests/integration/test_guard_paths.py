@@ -136,27 +136,17 @@ TCP_PATHS = {
     """,
     "hook __code__ replaced": """
         import gc, socket
-        victims = [o for o in gc.get_objects() if callable(o) and getattr(o, "__name__", "") == "audit_hook"]
-        assert victims, "the audit hook is reachable through gc"
+        victims = [o for o in gc.get_objects() if callable(o) and getattr(o, "__name__", "") in ("audit_hook", "judge")]
+        assert len(victims) >= 2, "the hook's functions are reachable through gc"
         for hook in victims:
-            try:
-                hook.__code__ = (lambda event, args, *rest: None).__code__
-                print("REPLACED")
-            except Exception as e:
-                print("REFUSED", type(e).__name__, e)
-        try:
-            socket.socket().connect((HOST, PORT)); print("CONNECTED")
-        except OSError as e: report(e)
-    """,
-    "hook __defaults__ replaced": """
-        import gc, socket
-        hooks = [o for o in gc.get_objects() if callable(o) and getattr(o, "__name__", "") == "audit_hook"]
-        for hook in hooks:
-            try:
-                hook.__defaults__ = tuple(frozenset() if isinstance(d, frozenset) else d for d in hook.__defaults__)
-                print("REPLACED")
-            except Exception as e:
-                print("REFUSED", type(e).__name__, e)
+            for name, value in [("__code__", (lambda *args: None).__code__),
+                                ("__defaults__", tuple(frozenset() if isinstance(d, frozenset) else d
+                                                       for d in hook.__defaults__))]:
+                try:
+                    setattr(hook, name, value)
+                    print("REPLACED", name)
+                except Exception as e:
+                    print("REFUSED", type(e).__name__, e)
         try:
             socket.socket().connect((HOST, PORT)); print("CONNECTED")
         except OSError as e: report(e)
