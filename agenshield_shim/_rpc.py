@@ -31,6 +31,7 @@ import re
 import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import NetworkBlockedError
 from ._config import Config
 
 RPC_PATH = "/rpc"
@@ -76,8 +77,12 @@ class RpcError(OSError):
         return str(self.args[0]) if self.args else ""
 
 
-class RpcDenied(RpcError):
-    """1001: the broker's policy refused the URL (or could not use it)."""
+class RpcDenied(RpcError, NetworkBlockedError):  # type: ignore[misc]  # broker: str here, Optional there
+    """1001: the broker's policy refused the URL (or could not use it).
+
+    Also a :class:`~agenshield_shim.NetworkBlockedError`, like the guard's and the tunnel's refusals,
+    so one ``except`` catches a refusal whichever transport is configured.
+    """
 
 
 class RpcNetworkError(RpcError):
@@ -94,6 +99,10 @@ class RpcProtocolError(RpcError):
 
 class RpcBrokerUnavailable(RpcError, ConnectionError):
     """The broker itself cannot be reached (refused, no socket file, connect timeout)."""
+
+
+class RpcBrokerConnectTimeout(RpcBrokerUnavailable, TimeoutError):
+    """Connecting to the broker took longer than the connect timeout."""
 
 
 class RpcBodyError(RpcError):
@@ -294,11 +303,16 @@ def build_params(
       the broker would otherwise send it chunked, which many servers refuse, and a buffered body's
       length is known.
     - ``context`` carries ``AGENSHIELD_TRACE_ID`` / ``AGENSHIELD_DEPTH`` for the audit.
+    - Without ``body-base64`` the request asks for ``Accept-Encoding: identity``: libraries offer
+      gzip by default, and a gzipped answer could not come back through a text-only broker.
     """
     if follow_redirects and not caps.redirect_policy:
         raise ValueError("followRedirects would let the broker follow redirects without a policy check on each hop")
     data = _body_bytes(body)
     joined = join_headers(headers)
+    if not caps.body_base64:  # a compressed answer could not come back intact: ask the upstream for none
+        joined = {k: v for k, v in joined.items() if k.lower() != "accept-encoding"}
+        joined["Accept-Encoding"] = "identity"
     params: Dict[str, Any] = {"url": url, "method": method.upper(), "followRedirects": bool(follow_redirects)}
     if data:
         lows = {k.lower() for k in joined}
@@ -527,11 +541,12 @@ def decode_envelope(parser: ResponseParser, req_id: int, broker: str, url: Optio
 # -- sending --------------------------------------------------------------------------------------
 
 
-def _unavailable(config: Config, url: Optional[str], why: str) -> RpcBrokerUnavailable:
+def _unavailable(config: Config, url: Optional[str], why: str,
+                 cls: "type[RpcBrokerUnavailable]" = RpcBrokerUnavailable) -> RpcBrokerUnavailable:
     broker = broker_name(config)
     target = " for %s" % url if url else ""
-    return RpcBrokerUnavailable("AgenShield: cannot reach the broker at %s%s (%s); is it running?"
-                                % (broker, target, why), None, None, broker, url)
+    return cls("AgenShield: cannot reach the broker at %s%s (%s); is it running?" % (broker, target, why),
+               None, None, broker, url)
 
 
 def _local_timeout(config: Config, url: Optional[str], deadline_s: Optional[float]) -> RpcTimeout:
@@ -556,7 +571,7 @@ def _connect_sync(config: Config, timeout: float, url: Optional[str]) -> Any:
             return sock
         return socket.create_connection((config.broker_host, config.broker_port), timeout)
     except socket.timeout:
-        raise _unavailable(config, url, "connect timed out after %.3g s" % timeout) from None
+        raise _unavailable(config, url, "connect timed out after %.3g s" % timeout, RpcBrokerConnectTimeout) from None
     except OSError as exc:
         raise _unavailable(config, url, exc.strerror or str(exc) or type(exc).__name__) from None
 
@@ -642,7 +657,8 @@ async def call_async(config: Config, rpc_method: str, params: Optional[Dict[str,
             opening = asyncio.open_connection(config.broker_host, config.broker_port, limit=262144)
         reader, writer = await asyncio.wait_for(opening, connect_timeout)
     except asyncio.TimeoutError:
-        raise _unavailable(config, url, "connect timed out after %.3g s" % connect_timeout) from None
+        raise _unavailable(config, url, "connect timed out after %.3g s" % connect_timeout,
+                           RpcBrokerConnectTimeout) from None
     except OSError as exc:
         raise _unavailable(config, url, exc.strerror or str(exc) or type(exc).__name__) from None
     parser = ResponseParser()

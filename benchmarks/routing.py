@@ -7,10 +7,12 @@ upstream, in its own process) and one reference broker (the real CLI, in its own
   with no proxy setting (the hook routes it to the broker);
 * **by hand**: a virtual environment without the shim, the library configured with the broker as
   its proxy (what the shim should cost nothing over: budget <= 1.05x);
-* **direct**: the same library straight to the upstream (reported for scale).
+* **direct**: the same library straight to the upstream (reported for scale);
+* **rpc**: the shim with ``AGENSHIELD_TRANSPORT=rpc`` (each request one JSON-RPC ``http_request``
+  call, bodies buffered and base64-encoded), reported against the tunnel (the ``shim`` row).
 
 For requests, httpx and aiohttp: the median latency of small keep-alive GETs on one session, and
-the best-of-3 throughput of a 20 MB download. Then the first-import cost of each library
+the best-of-3 throughput of a 10 MB download. Then the first-import cost of each library
 (``python -c "import X"`` minus ``python -c pass``) with and without the shim (budget <= 1.15x).
 Every loop is bounded; the whole run takes a few minutes.
 """
@@ -34,7 +36,7 @@ LIBRARIES = ("requests", "httpx", "aiohttp")
 CLIENT = r'''
 import json, sys, time
 lib, mode, base, broker, n, size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-proxy = broker if mode == "by hand" else None
+proxy = broker if mode == "by hand" else None  # shim and rpc: no proxy setting, the hooks route
 small, big = base + "/small", base + "/big?n=%d" % size
 lat, rates = [], []
 if lib == "requests":
@@ -101,7 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--requests", type=int, default=300, help="small requests per library and mode")
-    parser.add_argument("--size-mb", type=int, default=20)
+    parser.add_argument("--size-mb", type=int, default=10)
     parser.add_argument("--import-runs", type=int, default=20)
     args = parser.parse_args()
     size = args.size_mb * 1000 * 1000
@@ -125,11 +127,13 @@ def main() -> int:
             broker_url = "http://127.0.0.1:%d" % broker_port
             results: Dict[Tuple[str, str], Dict[str, float]] = {}
             for lib in LIBRARIES:
-                for mode, python in (("shim", shim), ("by hand", bare), ("direct", bare)):
+                for mode, python in (("shim", shim), ("rpc", shim), ("by hand", bare), ("direct", bare)):
+                    variables = {"AGENSHIELD_BROKER_PORT": str(broker_port)}
+                    if mode == "rpc":
+                        variables["AGENSHIELD_TRANSPORT"] = "rpc"
                     out = subprocess.run(
                         [python, "-c", CLIENT, lib, mode, base, broker_url, str(args.requests), str(size)],
-                        env=clean_env(AGENSHIELD_BROKER_PORT=str(broker_port)), capture_output=True, text=True,
-                        timeout=600,
+                        env=clean_env(**variables), capture_output=True, text=True, timeout=600,
                     )
                     if out.returncode != 0:
                         raise RuntimeError("%s %s failed:\n%s" % (lib, mode, out.stderr))
@@ -147,10 +151,15 @@ def main() -> int:
     print("%-9s %-8s %12s %9s %12s %9s" % ("library", "mode", "latency us", "vs hand", "MB/s", "vs hand"))
     for lib in LIBRARIES:
         hand = results[(lib, "by hand")]
-        for mode in ("shim", "by hand", "direct"):
+        for mode in ("shim", "by hand", "direct", "rpc"):
             r = results[(lib, mode)]
             print("%-9s %-8s %12.0f %8.3fx %12.0f %8.3fx" % (
                 lib, mode, r["latency"] * 1e6, r["latency"] / hand["latency"], r["rate"] / 1e6, r["rate"] / hand["rate"]))
+    print("rpc against the tunnel (the shim row): latency and throughput ratios")
+    for lib in LIBRARIES:
+        rpc, tunnel = results[(lib, "rpc")], results[(lib, "shim")]
+        print("%-9s latency %6.2fx   %d MB download %6.2fx" % (
+            lib, rpc["latency"] / tunnel["latency"], args.size_mb, rpc["rate"] / tunnel["rate"]))
     print("%-9s %14s %14s %8s" % ("import", "without ms", "with shim ms", "ratio"))
     for lib, (without, with_shim) in costs.items():
         print("%-9s %14.1f %14.1f %7.3fx" % (lib, without * 1000, with_shim * 1000, with_shim / without))

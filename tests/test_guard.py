@@ -7,7 +7,6 @@ for each event; nothing is installed into the test runner's own interpreter
 
 import dis
 import ipaddress
-import sys
 from typing import Any, Callable, List, Tuple
 
 import pytest

@@ -563,12 +563,19 @@ def test_build_params_rules() -> None:
     p = build_params("PUT", "http://h/", {"Transfer-Encoding": "chunked"}, "t\u00e9xt", 0.0001, caps=daemon,
                      environ={})
     assert p == {"url": "http://h/", "method": "PUT", "followRedirects": False, "timeout": 1,
-                 "headers": {"Transfer-Encoding": "chunked"}, "body": "t\u00e9xt"}
+                 "headers": {"Transfer-Encoding": "chunked", "Accept-Encoding": "identity"}, "body": "t\u00e9xt"}
     with pytest.raises(ValueError):
         build_params("GET", "http://h/", follow_redirects=True, caps=daemon)
     assert build_params("GET", "http://h/", follow_redirects=True, caps=Capabilities(["redirect-policy"]),
                         environ={})["followRedirects"] is True
-    assert build_params("GET", "http://h/", [(b"X-B", b"\xe9")], caps=daemon, environ={})["headers"] == {"X-B": "\u00e9"}
+    assert build_params("GET", "http://h/", [(b"X-B", b"\xe9")], caps=daemon, environ={})["headers"] == {
+        "X-B": "\u00e9", "Accept-Encoding": "identity"}
+    # text-only broker: no compressed answers (they could not come back intact); base64: as asked
+    asked = [("accept-encoding", "gzip, deflate"), ("X-A", "1")]
+    assert build_params("GET", "http://h/", asked, caps=daemon, environ={})["headers"] == {
+        "X-A": "1", "Accept-Encoding": "identity"}
+    assert build_params("GET", "http://h/", asked, caps=Capabilities(["body-base64"]), environ={})["headers"] == {
+        "accept-encoding": "gzip, deflate", "X-A": "1"}
 
 
 def test_unix_socket_broker(tmp_path: Any, upstream: Upstream) -> None:

@@ -92,6 +92,20 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _trace_metadata(context: Any) -> Dict[str, Any]:
+    """The caller's ``context`` param (``AGENSHIELD_TRACE_ID``/``AGENSHIELD_DEPTH``) for the audit's metadata."""
+    if not isinstance(context, dict):
+        return {}
+    out: Dict[str, Any] = {}
+    trace = context.get("parentTraceId")
+    if isinstance(trace, str) and trace:
+        out["parentTraceId"] = trace[:200]
+    depth = context.get("depth")
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        out["depth"] = depth
+    return out
+
+
 def _url_target(url: str, method: Optional[str]) -> Target:
     """The policy target of an http(s) URL; :class:`RpcError` 1001 when it cannot be one."""
     try:
@@ -254,6 +268,7 @@ class RpcService:
         if isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
             idle = float(timeout_ms) / 1000.0
         follow = params.get("followRedirects", True) is not False
+        trace = _trace_metadata(params.get("context"))
 
         first_origin: Optional[Tuple[str, str, int]] = None
         for hop in range(MAX_REDIRECTS + 1):
@@ -266,7 +281,7 @@ class RpcService:
                 decision = services.policy.check(target)
                 if not decision.allowed:
                     services.audit_decision(conn, "http_request", decision, url, "denied", started,
-                                            method=method, redirectHop=hop or None)
+                                            method=method, redirectHop=hop or None, **trace)
                     message = decision.reason or "Denied by policy"
                     if hop:
                         message = "Redirect to %s denied: %s" % (url[:200], message)
@@ -274,7 +289,7 @@ class RpcService:
             else:
                 decision = Decision(True, None, None)
             status, reason, resp_headers, data, location = await self._one_hop(
-                conn, decision, url, method, headers, body, idle, started, hop)
+                conn, decision, url, method, headers, body, idle, started, hop, trace)
             if follow and status in (301, 302, 303, 307, 308) and location:
                 next_url = urljoin(url, location)
                 if urlsplit(next_url).scheme.lower() not in ("http", "https"):
@@ -302,7 +317,7 @@ class RpcService:
 
     async def _one_hop(
         self, conn: Conn, decision: Decision, url: str, method: str, headers: List[Tuple[str, str]],
-        body: Optional[bytes], idle: float, started: float, hop: int,
+        body: Optional[bytes], idle: float, started: float, hop: int, trace: Dict[str, Any],
     ) -> Tuple[int, str, Dict[str, str], bytes, Optional[str]]:
         services = self.services
         assert self.session is not None, "RpcService.start() was not awaited"
@@ -332,18 +347,18 @@ class RpcService:
                 location = resp.headers.get("Location")
         except RpcError as exc:
             services.audit_decision(conn, "http_request", decision, url, "error", started,
-                                    method=method, error=exc.message, redirectHop=hop or None)
+                                    method=method, error=exc.message, redirectHop=hop or None, **trace)
             raise
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             services.audit_decision(conn, "http_request", decision, url, "error", started,
-                                    method=method, error="timeout", redirectHop=hop or None)
+                                    method=method, error="timeout", redirectHop=hop or None, **trace)
             raise RpcError(NETWORK_ERROR, "Request timeout") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             services.audit_decision(conn, "http_request", decision, url, "error", started,
-                                    method=method, error=str(exc)[:300], redirectHop=hop or None)
+                                    method=method, error=str(exc)[:300], redirectHop=hop or None, **trace)
             raise RpcError(NETWORK_ERROR, "Network error: %s" % (str(exc) or type(exc).__name__)) from None
         services.audit_decision(conn, "http_request", decision, url, "success", started,
-                                method=method, status=status, redirectHop=hop or None)
+                                method=method, status=status, redirectHop=hop or None, **trace)
         return status, reason, out_headers, bytes(buf), location
 
     @staticmethod

@@ -28,8 +28,11 @@ is left alone.
 Errors are the library's own types: for urllib3 connections ``ProxyError`` (a refusal, the broker
 down) or ``ConnectTimeoutError``; for plain http.client (and so urllib.request's ``URLError``) the
 ``OSError`` subclasses below. Every message starts with ``AgenShield`` and names the broker and the
-destination. The hook is active only for the ``tunnel`` transport; under ``rpc`` connections are
-left as they are, for the guard to refuse.
+destination.
+
+Under the ``rpc`` transport the same ``connect()`` gives the connection a virtual socket instead
+(:mod:`.http_client_rpc`): no socket is opened at all, each request becomes one ``http_request``
+call to the broker.
 """
 
 from __future__ import annotations  # annotations stay strings: typing is not imported at run time
@@ -219,6 +222,11 @@ def _wrap_connect(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if route is None:
             state.pop(_ROUTED, None)
             return original(self)
+        if route.mode == "rpc":  # no socket at all: see http_client_rpc
+            from .http_client_rpc import connect as rpc_connect
+
+            state.pop(_ROUTED, None)
+            return rpc_connect(self, route)
         saved = {name: state.get(name, _MISSING) for name in _SAVED}
         state[_BUSY] = True
         try:
@@ -248,7 +256,7 @@ class _Route:
 
     def __init__(self, config: "Config", mode: str, target: Destination) -> None:
         self.config = config
-        self.mode = mode  # "tunnel": CONNECT target; "forward": absolute-form requests to the broker
+        self.mode = mode  # "tunnel": CONNECT target; "forward": absolute-form requests to the broker; "rpc"
         self.target = target
 
     @property
@@ -265,9 +273,17 @@ class _Route:
 def _plan(conn: Any) -> Optional[_Route]:
     """Where this connect() should go; None to leave it as the caller built it."""
     config = active_config()
-    if config is None or config.transport != "tunnel":
+    if config is None:
         return None
     tunnel_host = getattr(conn, "_tunnel_host", None)
+    if config.transport == "rpc":
+        if tunnel_host:  # the real destination; the application's proxy is not used
+            return _Route(config, "rpc", (tunnel_host, conn._tunnel_port))
+        if _direct(conn.host, conn.port):
+            return None
+        return _Route(config, "rpc", (conn.host, conn.port))  # absolute-form targets are read per request
+    if config.transport != "tunnel":
+        return None
     if tunnel_host:  # set_tunnel / a tunnelling proxy: the broker replaces the proxy
         return _Route(config, "tunnel", (tunnel_host, conn._tunnel_port))
     host, port = conn.host, conn.port

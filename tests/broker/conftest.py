@@ -282,8 +282,6 @@ class BrokerHandle:
         return self.bt.url
 
     def rpc(self, method: str, params: Optional[Dict[str, Any]] = None, req_id: Any = 1, path: str = "/rpc") -> Dict[str, Any]:
-        import urllib.request
-
         payload: Dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
         if params is not None:
             payload["params"] = params

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import socket
-import ssl
 import subprocess
 import threading
 import time

@@ -11,9 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
-import venv
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -276,8 +275,14 @@ def udp_listener() -> Iterator[Listener]:
 #   unix_broker       session: a broker listening on 127.0.0.1:P and on a Unix socket;
 #                     .env also carries AGENSHIELD_BROKER_SOCKET.
 #   start_broker      session: start_broker(*cli_args) -> BrokerHandle, stopped at session end.
+#   rpc_broker        session: a broker for AGENSHIELD_TRANSPORT=rpc (extensions on, trusts the
+#                     upstream's CA with --upstream-ca: under rpc the broker makes the TLS connection);
+#                     .rpc_env is .env plus AGENSHIELD_TRANSPORT=rpc.
+#   compat_broker     session: the same with --compat (the daemon's behaviour: text bodies only).
 #   dead_broker_port  a free TCP port on 127.0.0.1 with nothing listening (broker down).
 #   silent_broker     a TCP port on 127.0.0.1 that accepts connections and never answers.
+#   garbage_server    garbage_server(answer) -> a TCP port on 127.0.0.1 whose listener reads what
+#                     a client sends and answers every connection with `answer` (not a broker).
 #
 # BrokerHandle: .host, .port, .url, .pid, .audit_file, .socket_path (or None),
 #   .env  -> {"AGENSHIELD_BROKER_HOST": "127.0.0.1", "AGENSHIELD_BROKER_PORT": str(port)}
@@ -336,8 +341,16 @@ class BrokerHandle:
             env["AGENSHIELD_BROKER_SOCKET"] = self.socket_path
         return env
 
+    @property
+    def rpc_env(self) -> Dict[str, str]:
+        return dict(self.env, AGENSHIELD_TRANSPORT="rpc")
+
     def mark(self) -> int:
         return len(self.audit())
+
+    def calls(self, substring: str, mark: int = 0) -> List[Dict[str, object]]:
+        """``http_request`` audit entries (the rpc transport) whose URL contains the substring."""
+        return [e for e in self.audit(mark) if e.get("operation") == "http_request" and substring in str(e.get("target"))]
 
     def audit(self, mark: int = 0) -> List[Dict[str, object]]:
         try:
@@ -405,6 +418,16 @@ def deny_broker(start_broker, upstream: "Upstream", tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture(scope="session")
+def rpc_broker(start_broker, upstream: "Upstream") -> BrokerHandle:
+    return start_broker("--upstream-ca", str(upstream.ca_file))
+
+
+@pytest.fixture(scope="session")
+def compat_broker(start_broker, upstream: "Upstream") -> BrokerHandle:
+    return start_broker("--compat", "--upstream-ca", str(upstream.ca_file))
+
+
+@pytest.fixture(scope="session")
 def unix_broker(start_broker) -> BrokerHandle:
     # AF_UNIX paths are limited to ~107 bytes: pytest's tmp paths can be longer
     path = os.path.join(_tempfile.mkdtemp(prefix="agsb-"), "broker.sock")
@@ -428,3 +451,40 @@ def silent_broker() -> Iterator[int]:
     server.listen(64)
     yield server.getsockname()[1]
     server.close()
+
+
+@pytest.fixture
+def garbage_server() -> Iterator[Callable[[bytes], int]]:
+    """``garbage_server(answer)``: a listener that answers ``answer`` to anything (a broker impostor)."""
+    servers: List[socket.socket] = []
+    stop = threading.Event()
+
+    def serve(server: socket.socket, answer: bytes) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(answer)
+                except OSError:
+                    pass
+
+    def start(answer: bytes) -> int:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(0.2)
+        servers.append(server)
+        threading.Thread(target=serve, args=(server, answer), daemon=True).start()
+        return server.getsockname()[1]  # type: ignore[no-any-return]
+
+    yield start
+    stop.set()
+    for server in servers:
+        server.close()

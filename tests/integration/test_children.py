@@ -1,6 +1,5 @@
 """Threads, child processes and subinterpreters of a guarded interpreter are guarded too."""
 
-import sys
 import textwrap
 
 import pytest

@@ -10,7 +10,6 @@ These tests are never skipped on CI: a machine where neither bubblewrap nor ``un
 root works fails here with the reason, because a skip would hide exactly the gap they are about.
 """
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import textwrap
+import uuid
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -165,7 +166,7 @@ AIOHTTP_SUITE = PRELUDE + textwrap.dedent(
             await rec(tag + "read_timeout", read_timeout)
 
             async def keepalive():
-                t = "ka-aiohttp-" + tag
+                t = "ka-aiohttp-" + P["run"] + tag
                 for _ in range(10):
                     async with s.get(base + "/echo?tag=" + t, ssl=CTX) as r:
                         await r.read()
@@ -302,7 +303,7 @@ HTTPX_SUITE = PRELUDE + textwrap.dedent(
                 base + "/slow/5", timeout=httpx.Timeout(5.0, read=0.5)).content)
 
             def keepalive():
-                t = "ka-httpx-" + tag
+                t = "ka-httpx-" + P["run"] + tag
                 for _ in range(10):
                     c.get(base + "/echo?tag=" + t).read()
                 return c.get(base + "/connections?tag=" + t).json()
@@ -385,7 +386,7 @@ HTTPX_SUITE = PRELUDE + textwrap.dedent(
             await rec(tag + "read_timeout", read_timeout)
 
             async def keepalive():
-                t = "ka-httpx-" + tag
+                t = "ka-httpx-" + P["run"] + tag
                 for _ in range(10):
                     await c.get(base + "/echo?tag=" + t)
                 return (await c.get(base + "/connections?tag=" + t)).json()
@@ -614,6 +615,7 @@ def run_suite(env: ShimEnv, code: str, broker: Any, upstream: Any, extra_env: Di
     payload = {
         "http_url": upstream.http_url.rstrip("/"), "https_url": upstream.https_url.rstrip("/"),
         "ca_file": str(upstream.ca_file), "wrong_ca_file": str(upstream.wrong_ca_file), "mark": MARK,
+        "run": uuid.uuid4().hex[:8],  # the upstream's counters are shared by the whole session
     }
     payload.update(params)
     variables = dict(broker.env)
@@ -1037,25 +1039,31 @@ def test_version_smoke(shim_env_factory: Any, broker: Any, upstream: Any, versio
         assert_refusal(error(results, "httpx:refused_http"), "ProxyError", "example.com")
 
 
-def test_hooks_apply_only_to_the_tunnel_transport(main_env: ShimEnv, broker: Any) -> None:
-    """``rpc`` leaves both libraries alone (another hook's job); a second install is a no-op;
-    a transport on a Unix socket and a session on a UnixConnector are not routed."""
+def test_each_transport_patches_its_own_seams_once(main_env: ShimEnv, broker: Any) -> None:
+    """tunnel: aiohttp's ``ClientSession._request`` and httpx's transports; rpc: aiohttp's
+    ``TCPConnector._create_connection`` (not the Unix one) and httpx's transports. A second install
+    is a no-op; a transport on a Unix socket is not routed."""
     code = textwrap.dedent(
         """
         import asyncio, aiohttp, httpx
         from agenshield_shim.hooks import aiohttp as aio_hook, httpx as httpx_hook
-        wrapped = [hasattr(aiohttp.ClientSession._request, "__agenshield_original__"),
-                   hasattr(httpx.HTTPTransport.__init__, "__agenshield_original__"),
-                   hasattr(httpx.AsyncHTTPTransport.handle_async_request, "__agenshield_original__")]
-        before = (aiohttp.ClientSession._request, httpx.HTTPTransport.__init__)
+        def wrapped(f):
+            return hasattr(f, "__agenshield_original__")
+        flags = [wrapped(aiohttp.ClientSession._request), wrapped(aiohttp.TCPConnector._create_connection),
+                 wrapped(aiohttp.UnixConnector.__dict__.get("_create_connection")),
+                 wrapped(httpx.HTTPTransport.__init__), wrapped(httpx.AsyncHTTPTransport.handle_async_request)]
+        before = (aiohttp.ClientSession._request, aiohttp.TCPConnector._create_connection, httpx.HTTPTransport.__init__)
         aio_hook.install(aiohttp); httpx_hook.install(httpx)
-        same = before == (aiohttp.ClientSession._request, httpx.HTTPTransport.__init__)
+        same = before == (aiohttp.ClientSession._request, aiohttp.TCPConnector._create_connection,
+                          httpx.HTTPTransport.__init__)
         uds = getattr(httpx.HTTPTransport(uds="/tmp/x.sock"), "_agenshield_routed", False)
         tcp = getattr(httpx.HTTPTransport(), "_agenshield_routed", False)
-        print(wrapped, same, uds, tcp)
+        print(" ".join(str(x) for x in flags + [same, uds, tcp]))
         """
     )
     tunnel = main_env.run(code, env=broker.env)
-    assert tunnel.stdout.split() == ["[True,", "True,", "True]", "True", "False", "True"], tunnel.stderr
+    assert tunnel.stdout.split() == ["True", "False", "False", "True", "True", "True", "False", "True"], \
+        tunnel.stdout + tunnel.stderr
     rpc = main_env.run(code, env={**broker.env, "AGENSHIELD_TRANSPORT": "rpc"})
-    assert rpc.stdout.split()[:3] == ["[False,", "False,", "False]"], rpc.stdout + rpc.stderr
+    assert rpc.stdout.split() == ["False", "True", "False", "True", "True", "True", "False", "True"], \
+        rpc.stdout + rpc.stderr

@@ -14,7 +14,7 @@ every check that did not pass.
 import json
 import uuid
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 
@@ -48,6 +48,33 @@ def check(fn):
 def expect(cond, what):
     if not cond:
         raise AssertionError(what)
+
+# The rpc transport (AGENSHIELD_TRANSPORT=rpc) buffers bodies; against a broker that carries text
+# only (the daemon, the reference broker's --compat) binary bodies must fail with a clear error.
+RPC = os.environ.get("AGENSHIELD_TRANSPORT") == "rpc"
+TEXT_ONLY = os.environ.get("EXPECT_TEXT_ONLY") == "1"
+
+def binary(fn):
+    """A check that moves binary bytes; against a text-only broker it must fail, naming the tunnel."""
+    if not TEXT_ONLY:
+        return check(fn)
+    def refused_clearly():
+        try:
+            fn()
+        except Exception as exc:
+            text = str(exc) + " " + repr(getattr(exc, "reason", ""))
+            expect("AgenShield" in text and "AGENSHIELD_TRANSPORT=tunnel" in text, text)
+        else:
+            raise AssertionError("binary bytes passed a broker that carries text only")
+    refused_clearly.__name__ = fn.__name__ + "_refused"
+    return check(refused_clearly)
+
+def streamed(first_arrival, last_sent):
+    """The tunnel streams (the first event before the last was sent, 1.2 s later); rpc delivers whole."""
+    if RPC:
+        expect(first_arrival >= last_sent - 0.05, ("not buffered?", first_arrival, last_sent))
+    else:
+        expect(first_arrival < last_sent - 0.6, (first_arrival, last_sent))
 '''
 
 EPILOGUE = '\nprint("RESULTS " + json.dumps(results))\n'
@@ -87,7 +114,7 @@ def form_upload():
     r = s.post(BASE + "/echo", data={"f1": "v1", "f2": "v 2&=é"})
     expect(r.json()["form"] == {"f1": "v1", "f2": "v 2&=é"}, r.json()["form"])
 
-@check
+@binary
 def multipart_upload():
     blob = payload(200000)
     r = s.post(BASE + "/echo", data={"field": "value"}, files={"file": ("blob.bin", blob, "application/octet-stream")})
@@ -95,22 +122,22 @@ def multipart_upload():
     expect(form["field"] == "value", form)
     expect(form["file"] == {"filename": "blob.bin", "sha256": sha(blob), "length": len(blob)}, form)
 
-@check
+@binary
 def binary_upload():
     blob = payload(3 * 1024 * 1024 + 7)
     r = s.post(BASE + "/upload", data=blob)
     expect(r.json() == {"sha256": sha(blob), "length": len(blob), "chunked": False}, r.json())
 
-@check
+@binary
 def chunked_upload():
     blob = payload(1024 * 1024 + 3)
     def gen():
         for i in range(0, len(blob), 65536):
             yield blob[i:i + 65536]
     r = s.post(BASE + "/upload", data=gen())
-    expect(r.json() == {"sha256": sha(blob), "length": len(blob), "chunked": True}, r.json())
+    expect(r.json() == {"sha256": sha(blob), "length": len(blob), "chunked": not RPC}, r.json())  # rpc: buffered
 
-@check
+@binary
 def binary_download():
     r = s.get(BASE + "/bytes/5000001")
     expect(sha(r.content) == r.headers["X-Sha256"] == sha(payload(5000001)), "sha mismatch")
@@ -129,7 +156,7 @@ def cookies_two_set_cookie():
     expect(sorted(jar.cookies.keys()) == ["a", "b"], list(jar.cookies.keys()))
     expect(jar.get(BASE + "/cookies/echo").json()["cookies"] == {"a": "1", "b": "2"}, "cookies not sent back")
 
-@check
+@binary
 def gzip_decoded():
     r = s.get(BASE + "/gzip")
     expect(r.headers["Content-Encoding"] == "gzip" and r.json()["gzipped"] is True, r.headers)
@@ -160,8 +187,7 @@ def streaming_sse():
         if line.startswith(b"data: "):
             events.append((time.time(), json.loads(line[6:])))
     expect([e["i"] for _, e in events] == [0, 1, 2, 3, 4], events)
-    first_arrival, last_sent = events[0][0], events[-1][1]["sent"]
-    expect(first_arrival < last_sent - 0.6, (first_arrival, last_sent))
+    streamed(events[0][0], events[-1][1]["sent"])
 
 @check
 def keep_alive():
@@ -169,8 +195,12 @@ def keep_alive():
     ka.verify = CA
     for i in range(10):
         expect(ka.get(BASE + "/echo", params={"tag": TAG + "-ka", "i": i}).status_code == 200, i)
-    count = ka.get(BASE + "/connections", params={"tag": TAG + "-ka"}).json()["count"]
-    expect(count == 1, "10 requests of one session used %d connections" % count)
+    pools = ka.get_adapter(BASE).poolmanager.pools
+    opened = sum(pools[key].num_connections for key in pools.keys())
+    expect(opened == 1, "10 requests of one session opened %d connections" % opened)
+    if not RPC:  # rpc: the broker makes the upstream connections
+        count = ka.get(BASE + "/connections", params={"tag": TAG + "-ka"}).json()["count"]
+        expect(count == 1, "10 requests of one session used %d connections" % count)
 '''
 
 URLLIB3_CHECKS = r'''
@@ -194,29 +224,35 @@ def every_method():
 def query_and_form_fields():
     r = http.request("GET", BASE + "/echo", fields={"a": "1", "sp": "a b"})
     expect(json.loads(r.data)["query"] == [["a", "1"], ["sp", "a b"]], r.data)
+    r = http.request("POST", BASE + "/echo", fields={"f": "v w"}, encode_multipart=False)
+    expect(json.loads(r.data)["form"] == {"f": "v w"}, r.data)
+
+@binary
+def multipart_file():
     blob = payload(70000)
     r = http.request("POST", BASE + "/echo", fields={"field": "value", "file": ("b.bin", blob)})
     form = json.loads(r.data)["form"]
     expect(form["field"] == "value" and form["file"]["sha256"] == sha(blob), form)
-    r = http.request("POST", BASE + "/echo", fields={"f": "v w"}, encode_multipart=False)
-    expect(json.loads(r.data)["form"] == {"f": "v w"}, r.data)
 
 @check
-def json_and_binary_upload():
+def json_upload():
     r = http.request("POST", BASE + "/echo", body=json.dumps({"k": "é"}).encode(), headers={"Content-Type": "application/json"})
     expect(json.loads(json.loads(r.data)["body"]) == {"k": "é"}, r.data)
+
+@binary
+def binary_upload():
     blob = payload(2 * 1024 * 1024 + 1)
     r = http.request("POST", BASE + "/upload", body=blob)
     expect(json.loads(r.data)["sha256"] == sha(blob), r.data)
 
-@check
+@binary
 def chunked_upload():
     blob = payload(500001)
     gen = (blob[i:i + 32768] for i in range(0, len(blob), 32768))
     r = http.urlopen("POST", BASE + "/upload", body=gen, chunked=True)
-    expect(json.loads(r.data) == {"sha256": sha(blob), "length": len(blob), "chunked": True}, r.data)
+    expect(json.loads(r.data) == {"sha256": sha(blob), "length": len(blob), "chunked": not RPC}, r.data)
 
-@check
+@binary
 def binary_download_streamed():
     r = http.request("GET", BASE + "/bytes/3000000", preload_content=False)
     digest = hashlib.sha256()
@@ -236,9 +272,12 @@ def two_set_cookie_headers():
     cookies = r.headers.getlist("Set-Cookie")
     expect(len(cookies) == 2 and cookies[0].startswith("a=1") and cookies[1].startswith("b=2"), cookies)
 
-@check
-def gzip_and_status_codes():
+@binary
+def gzip():
     expect(json.loads(http.request("GET", BASE + "/gzip").data)["gzipped"] is True, "gzip")
+
+@check
+def status_codes():
     for code in (204, 304, 404, 500):
         r = http.request("GET", BASE + "/status/%d" % code)
         expect(r.status == code, (code, r.status))
@@ -253,15 +292,19 @@ def streaming_sse():
             first = time.time()
         text += chunk
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith(b"data: ")]
-    expect(len(events) == 5 and first < events[-1]["sent"] - 0.6, (first, events))
+    expect(len(events) == 5, events)
+    streamed(first, events[-1]["sent"])
 
 @check
 def keep_alive():
     pool = urllib3.PoolManager(ca_certs=CA, cert_reqs="CERT_REQUIRED")
     for i in range(10):
         pool.request("GET", BASE + "/echo?tag=%s-ka3&i=%d" % (TAG, i))
-    count = json.loads(pool.request("GET", BASE + "/connections?tag=%s-ka3" % TAG).data)["count"]
-    expect(count == 1, "10 requests of one pool used %d connections" % count)
+    opened = sum(pool.pools[key].num_connections for key in pool.pools.keys())
+    expect(opened == 1, "10 requests of one pool opened %d connections" % opened)
+    if not RPC:  # rpc: the broker makes the upstream connections
+        count = json.loads(pool.request("GET", BASE + "/connections?tag=%s-ka3" % TAG).data)["count"]
+        expect(count == 1, "10 requests of one pool used %d connections" % count)
 '''
 
 URLLIB_CHECKS = r'''
@@ -295,15 +338,19 @@ def query_json_form():
     got = json.load(fetch("/echo", data=urllib.parse.urlencode({"f": "v w"}).encode()))
     expect(got["form"] == {"f": "v w"}, got)
 
-@check
-def binary_and_chunked_upload():
+@binary
+def binary_upload():
     blob = payload(2 * 1024 * 1024 + 5)
     expect(json.load(fetch("/upload", data=blob))["sha256"] == sha(blob), "binary")
-    chunks = [blob[i:i + 65536] for i in range(0, len(blob), 65536)]
-    got = json.load(fetch("/upload", data=iter(chunks)))  # an iterable body goes out chunked
-    expect(got == {"sha256": sha(blob), "length": len(blob), "chunked": True}, got)
 
 @check
+def chunked_upload():
+    text = ("chunk %d, " * 3000 % tuple(range(3000))).encode()  # text: any broker carries it
+    chunks = [text[i:i + 4096] for i in range(0, len(text), 4096)]
+    got = json.load(fetch("/upload", data=iter(chunks)))  # an iterable body goes out chunked
+    expect(got == {"sha256": sha(text), "length": len(text), "chunked": not RPC}, got)
+
+@binary
 def binary_download():
     r = fetch("/bytes/4000000")
     data = r.read()
@@ -316,7 +363,7 @@ def redirects_and_cookies():
     fetch("/cookies/set").read()
     expect(json.load(fetch("/cookies/echo"))["cookies"] == {"a": "1", "b": "2"}, "cookies")
 
-@check
+@binary
 def gzip_body():
     r = fetch("/gzip")
     expect(r.headers["Content-Encoding"] == "gzip" and json.loads(gzip.decompress(r.read()))["gzipped"], "gzip")
@@ -342,7 +389,8 @@ def streaming_sse():
             break
         if line.startswith(b"data: "):
             events.append((time.time(), json.loads(line[6:])))
-    expect(len(events) == 5 and events[0][0] < events[-1][1]["sent"] - 0.6, events)
+    expect(len(events) == 5, events)
+    streamed(events[0][0], events[-1][1]["sent"])
 
 @check
 def http_client_keep_alive_and_chunked():
@@ -355,21 +403,26 @@ def http_client_keep_alive_and_chunked():
         conn.request("GET", "/echo?tag=%s-hc&i=%d" % (TAG, i))
         r = conn.getresponse()
         expect(json.loads(r.read())["query"][1] == ["i", str(i)], i)
-    blob = payload(300000)
+    blob = ("line %d\n" * 40000 % tuple(range(40000))).encode()
     conn.request("POST", "/upload?tag=%s-hc" % TAG, body=iter([blob[:100000], blob[100000:]]), encode_chunked=True)
-    expect(json.loads(conn.getresponse().read()) == {"sha256": sha(blob), "length": len(blob), "chunked": True}, "chunked")
+    expect(json.loads(conn.getresponse().read()) == {"sha256": sha(blob), "length": len(blob), "chunked": not RPC}, "chunked")
     conn.request("HEAD", "/echo?tag=%s-hc" % TAG)
     r = conn.getresponse()
     expect(r.status == 200 and r.read() == b"", "head")
+    sock = conn.sock
     conn.request("GET", "/connections?tag=%s-hc" % TAG)
     count = json.loads(conn.getresponse().read())["count"]
-    expect(count == 1, "one HTTPConnection used %d connections" % count)
+    expect(conn.sock is sock, "the connection was reopened")
+    if not RPC:  # rpc: the broker makes the upstream connections
+        expect(count == 1, "one HTTPConnection used %d connections" % count)
 '''
 
 
-def run_checks(env: ShimEnv, broker: BrokerHandle, checks: str, base: str, ca: str, timeout: float = 120) -> Dict[str, str]:
+def run_checks(env: ShimEnv, broker: BrokerHandle, checks: str, base: str, ca: str, timeout: float = 120,
+               variables: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     tag = uuid.uuid4().hex[:12]
-    result = env.run(PRELUDE + checks + EPILOGUE, base, ca, str(broker.pid), tag, env=broker.env, timeout=timeout)
+    result = env.run(PRELUDE + checks + EPILOGUE, base, ca, str(broker.pid), tag, env=variables or broker.env,
+                     timeout=timeout)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, "script failed (rc %s):\n%s\n%s" % (result.returncode, result.stdout[-3000:], result.stderr[-5000:])
     return json.loads(lines[-1][len("RESULTS "):])  # type: ignore[no-any-return]
@@ -416,25 +469,57 @@ def library_versions(env: ShimEnv) -> str:
 # -- fidelity ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["http", "https"])
-def test_requests_fidelity(requests_env: ShimEnv, broker: BrokerHandle, upstream, scheme: str) -> None:
-    mark = broker.mark()
-    assert_all_ok(run_checks(requests_env, broker, REQUESTS_CHECKS, base_url(upstream, scheme), upstream.ca_file))
-    assert broker.connects(target_of(upstream, scheme), mark), "the broker saw no tunnel to the upstream"
+class Route:
+    """A transport and the broker it runs against: the same checks must pass through each."""
+
+    def __init__(self, name: str, broker: BrokerHandle) -> None:
+        self.name = name
+        self.broker = broker
+        self.env = dict(broker.env)
+        if name != "tunnel":
+            self.env["AGENSHIELD_TRANSPORT"] = "rpc"
+        if name == "rpc-compat":
+            self.env["EXPECT_TEXT_ONLY"] = "1"
+
+    def assert_routed(self, upstream, scheme: str, mark: int) -> None:
+        """The broker's audit shows the traffic: tunnels, or (rpc) one http_request per request."""
+        if self.name == "tunnel":
+            assert self.broker.connects(target_of(upstream, scheme), mark), "the broker saw no tunnel to the upstream"
+        else:
+            calls = self.broker.calls(base_url(upstream, scheme) + "/", mark)
+            assert len(calls) >= 10 and all(e["result"] in ("success", "error") for e in calls), calls[:3]
+
+
+#: tunnel: the default; rpc: AGENSHIELD_TRANSPORT=rpc with the reference broker's base64 bodies;
+#: rpc-compat: the same against the daemon's behaviour (--compat: text bodies only).
+@pytest.fixture(params=["tunnel", "rpc", "rpc-compat"])
+def route(request: pytest.FixtureRequest) -> Route:
+    fixture = {"tunnel": "broker", "rpc": "rpc_broker", "rpc-compat": "compat_broker"}[request.param]
+    return Route(request.param, request.getfixturevalue(fixture))
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_urllib3_fidelity(requests_env: ShimEnv, broker: BrokerHandle, upstream, scheme: str) -> None:
-    mark = broker.mark()
-    assert_all_ok(run_checks(requests_env, broker, URLLIB3_CHECKS, base_url(upstream, scheme), upstream.ca_file))
-    assert broker.connects(target_of(upstream, scheme), mark)
+def test_requests_fidelity(requests_env: ShimEnv, route: Route, upstream, scheme: str) -> None:
+    mark = route.broker.mark()
+    assert_all_ok(run_checks(requests_env, route.broker, REQUESTS_CHECKS, base_url(upstream, scheme),
+                             upstream.ca_file, variables=route.env))
+    route.assert_routed(upstream, scheme, mark)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_urllib_request_and_http_client_fidelity(env2: ShimEnv, broker: BrokerHandle, upstream, scheme: str) -> None:
-    mark = broker.mark()
-    assert_all_ok(run_checks(env2, broker, URLLIB_CHECKS, base_url(upstream, scheme), upstream.ca_file))
-    assert broker.connects(target_of(upstream, scheme), mark)
+def test_urllib3_fidelity(requests_env: ShimEnv, route: Route, upstream, scheme: str) -> None:
+    mark = route.broker.mark()
+    assert_all_ok(run_checks(requests_env, route.broker, URLLIB3_CHECKS, base_url(upstream, scheme),
+                             upstream.ca_file, variables=route.env))
+    route.assert_routed(upstream, scheme, mark)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_urllib_request_and_http_client_fidelity(env2: ShimEnv, route: Route, upstream, scheme: str) -> None:
+    mark = route.broker.mark()
+    assert_all_ok(run_checks(env2, route.broker, URLLIB_CHECKS, base_url(upstream, scheme), upstream.ca_file,
+                             variables=route.env))
+    route.assert_routed(upstream, scheme, mark)
 
 
 def test_requests_keep_alive_one_tunnel(requests_env: ShimEnv, broker: BrokerHandle, upstream) -> None:
@@ -702,7 +787,9 @@ def requests_read_timeout_on_body():
     started = time.time()
     try:
         requests.get(BASE + "/slow/3", verify=CA, timeout=(5, 0.5)).content
-    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+    except requests.exceptions.ReadTimeout:
+        pass  # rpc: the broker's timeout, before any of the body arrived
+    except requests.exceptions.ConnectionError as exc:  # tunnel: in the middle of the streamed body
         expect("timed out" in str(exc).lower(), str(exc))
     else:
         raise AssertionError("no timeout")

@@ -1,6 +1,5 @@
 """``agenshield-shim run -- COMMAND``: a broker for the command's lifetime, routed and blocked, its exit status."""
 
-import os
 import signal
 import socket
 import subprocess

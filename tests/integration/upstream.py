@@ -19,6 +19,7 @@ counts by):
 - ``/bytes/{n}``: n deterministic binary bytes (``payload(n)``), header ``X-Sha256``.
 - ``/upload``: streams the request body; JSON ``sha256, length, chunked``.
 - ``/redirect/{n}``: ``302`` to ``/redirect/{n-1}``, ..., then ``/echo`` (query kept).
+- ``/redirect-to?url=U``: ``302`` to ``U``, anywhere (each hop must be checked by the broker).
 - ``/cookies/set``: two ``Set-Cookie`` headers (``a=1``, ``b=2``; or one per query parameter);
   ``/cookies/echo``: JSON of the cookies received.
 - ``/gzip``: gzip-encoded JSON (``{"gzipped": true, ...}``).
@@ -165,6 +166,7 @@ class Upstream:
         app.router.add_get("/bytes/{n}", self.bytes_)
         app.router.add_route("*", "/upload", self.upload)
         app.router.add_route("*", "/redirect/{n}", self.redirect)
+        app.router.add_get("/redirect-to", self.redirect_to)
         app.router.add_get("/cookies/set", self.cookies_set)
         app.router.add_get("/cookies/echo", self.cookies_echo)
         app.router.add_get("/gzip", self.gzip_)
@@ -283,6 +285,9 @@ class Upstream:
         if request.query_string:
             target += "?" + request.query_string
         raise web.HTTPFound(target)
+
+    async def redirect_to(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["url"])  # anywhere: to test that each hop is checked
 
     async def cookies_set(self, request: web.Request) -> web.Response:
         response = web.json_response({"set": True})

@@ -1,0 +1,223 @@
+"""http.client under the rpc transport: a virtual socket that turns each request into one ``http_request`` call.
+
+Why a socket: http.client, and everything built on it (urllib.request, urllib3 1.26 and 2.x, so
+requests, botocore and pip), keep doing exactly what they do on a real connection. Under
+``AGENSHIELD_TRANSPORT=rpc`` the routing ``connect()`` of :mod:`.http_client` hands them a
+:class:`VirtualSocket` instead of a socket: the bytes the library writes are assembled into one
+request (:mod:`agenshield_shim._wire`), sent to the broker as one JSON-RPC call, and the answer is
+written back as an ordinary HTTP/1.1 response for the library's own parser. So responses, headers,
+cookies, redirects (followed by the library, each hop checked by the broker's policy), decoding,
+``raise_for_status`` and streaming APIs are the library's own; bodies are buffered.
+
+When the call happens is chosen for the caller's exceptions and timeouts:
+
+- plain http.client (urllib.request): as soon as the request is complete, inside ``request()``,
+  which is where urllib.request turns an ``OSError`` into ``URLError``;
+- urllib3: when the response is read, after urllib3 has set the *read* timeout, raising urllib3's
+  ``ProxyError`` (a refusal, the broker down or misbehaving) and ``ReadTimeoutError``, as it raises
+  them for a proxy, so requests maps them to its ``ProxyError`` and ``ReadTimeout``.
+
+``connect()`` asks the broker for its capabilities (cached after the first answer) within the
+caller's connect timeout, so a broker that is down or silent fails there, fast, as in the tunnel
+transport. A TLS connection is never wrapped locally: the broker makes the upstream TLS connection
+and verifies it against its own trust store, so the application's CA settings do not apply (see
+the README).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+
+from .. import _rpc, _wire
+from .http_client import (
+    BrokerUnavailableError,
+    _authority,
+    _broker_name,
+    _is_tls,
+    _Route,
+    _urllib3_exceptions,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from types import ModuleType
+    from typing import Any, List, Optional, Tuple
+
+_idle_lock = threading.Lock()
+_idle_pair: Optional[Tuple[socket.socket, socket.socket]] = None
+
+
+def _idle_fileno() -> int:
+    """A descriptor that never becomes readable, for ``select``/``poll`` liveness checks.
+
+    urllib3 decides whether a pooled connection was dropped by polling its socket; a virtual
+    connection never is, so every virtual socket reports one end of a socket pair that is never
+    written to (one pair per process, never closed).
+    """
+    global _idle_pair
+    with _idle_lock:
+        if _idle_pair is None:
+            _idle_pair = socket.socketpair()
+        return _idle_pair[0].fileno()
+
+
+def _seconds(timeout: Any) -> Optional[float]:
+    """A library's timeout as seconds or None (its "use the default" sentinels included)."""
+    if timeout is None or isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        return None if timeout is None else float(timeout)
+    return socket.getdefaulttimeout()
+
+
+class _Plan:
+    """Where one virtual connection's requests go and how its failures are reported."""
+
+    __slots__ = ("config", "scheme", "authority", "destination", "broker", "exceptions", "eager")
+
+    def __init__(self, conn: Any, route: _Route) -> None:
+        host, port = route.target
+        self.config = route.config
+        self.scheme = "https" if _is_tls(conn) else "http"
+        default = 443 if self.scheme == "https" else 80
+        self.authority = _authority(host, port) if int(port) != default else _authority(host, port).rsplit(":", 1)[0]
+        self.destination = route.destination
+        self.broker = _broker_name(route.config)
+        self.exceptions: Optional[ModuleType] = _urllib3_exceptions(type(conn))
+        self.eager = self.exceptions is None
+
+    def error(self, exc: BaseException, url: str, connecting: bool = False, conn: Any = None) -> BaseException:
+        """``exc`` (an :class:`~agenshield_shim._rpc.RpcError`) as the caller's library raises such a failure."""
+        message = str(exc)
+        ex = self.exceptions
+        timeout = isinstance(exc, _rpc.RpcTimeout) or connecting and isinstance(exc, _rpc.RpcBrokerConnectTimeout)
+        if ex is not None:
+            if timeout and connecting:
+                return ex.ConnectTimeoutError(conn, message)  # type: ignore[no-any-return]
+            if timeout:
+                return ex.ReadTimeoutError(None, url, message)  # type: ignore[no-any-return]
+            if isinstance(exc, _rpc.RpcBrokerUnavailable):
+                exc = BrokerUnavailableError(message, self.destination, self.broker)
+            return ex.ProxyError(message, exc)  # type: ignore[no-any-return]
+        if timeout and not isinstance(exc, socket.timeout):  # Python < 3.10: socket.timeout is not TimeoutError
+            return socket.timeout(message)
+        if isinstance(exc, _rpc.RpcBrokerUnavailable):
+            return BrokerUnavailableError(message, self.destination, self.broker)
+        return exc
+
+
+def connect(conn: Any, route: _Route) -> None:
+    """The rpc transport's ``connect()``: check the broker answers, give ``conn`` a virtual socket."""
+    plan = _Plan(conn, route)
+    url = "%s://%s/" % (plan.scheme, plan.authority)
+    timeout = _seconds(conn.timeout)
+    deadline = _rpc.BROKER_CONNECT_TIMEOUT_S if timeout is None else min(timeout, _rpc.BROKER_CONNECT_TIMEOUT_S)
+    try:
+        _rpc.capabilities(route.config, deadline, url)
+    except _rpc.RpcError as exc:
+        raise plan.error(exc, url, connecting=True, conn=conn) from exc
+    conn.sock = VirtualSocket(plan, timeout)
+    if plan.scheme == "https" and hasattr(conn, "is_verified"):
+        conn.is_verified = True  # urllib3: the broker verified the upstream's certificate (no InsecureRequestWarning)
+
+
+class VirtualSocket:
+    """Stands in for ``conn.sock``: takes the request the library writes, hands back the broker's answer.
+
+    Only what http.client and urllib3 use of a socket is here; anything else raises
+    ``AttributeError``, which is better than a plausible lie.
+    """
+
+    def __init__(self, plan: _Plan, timeout: Optional[float]) -> None:
+        self._plan = plan
+        self._timeout = timeout
+        self._assembler = _wire.RequestAssembler()
+        self._waiting: List[_wire.WireRequest] = []  # complete, not yet sent (urllib3: sent on read)
+        self._answers: List[Tuple[bytes, bytes]] = []  # sent, answer not yet read
+        self._closed = False
+
+    # -- what the library writes --------------------------------------------------------------
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._closed:
+            raise OSError(9, "AgenShield: the virtual connection is closed")
+        raw = memoryview(data).tobytes()  # TypeError for an iterable: http.client then sends its items
+        try:
+            self._assembler.feed(raw)
+        except _wire.WireError as exc:
+            self._assembler = _wire.RequestAssembler()
+            raise self._plan.error(_rpc.RpcError(
+                "AgenShield: the rpc transport cannot carry this request to %s: %s" % (self._plan.destination, exc),
+                None, None, self._plan.broker), self._plan.destination) from exc
+        while True:
+            request = self._assembler.pop()
+            if request is None:
+                break
+            if self._plan.eager:
+                self._answers.append(self._exchange(request))
+            else:
+                self._waiting.append(request)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self.sendall(data)
+        return len(memoryview(data))
+
+    # -- what the library reads ---------------------------------------------------------------
+
+    def makefile(self, mode: str = "rb", buffering: Any = None, **kwargs: Any) -> io.BufferedReader:
+        """The next response, as http.client's ``HTTPResponse`` reads it (one call per response)."""
+        if self._answers:
+            head, body = self._answers.pop(0)
+        elif self._waiting:
+            head, body = self._exchange(self._waiting.pop(0))
+        else:
+            raise self._plan.error(_rpc.RpcError(
+                "AgenShield: a response to %s was read before a complete request was written; the rpc transport "
+                "sends whole requests only" % self._plan.destination, None, None, self._plan.broker),
+                self._plan.destination)
+        return io.BufferedReader(io.BytesIO(head + body))
+
+    def _exchange(self, request: _wire.WireRequest) -> Tuple[bytes, bytes]:
+        plan = self._plan
+        url = plan.destination
+        try:
+            url = request.url(plan.scheme, plan.authority)
+            request.check_carriable()
+            response = _rpc.http_request(plan.config, request.method, url, request.forwarded_headers(),
+                                         request.body or None, self._timeout)
+            return _wire.response_bytes(response, request.method)
+        except _wire.WireError as exc:
+            error: _rpc.RpcError = _rpc.RpcError(str(exc) if str(exc).startswith("AgenShield") else
+                                                 "AgenShield: the rpc transport cannot carry this request to %s: %s"
+                                                 % (url, exc), None, None, plan.broker, url)
+            raise plan.error(error, url) from exc
+        except _rpc.RpcError as exc:
+            raise plan.error(exc, url) from exc
+
+    # -- the rest of a socket's surface that the libraries touch -------------------------------
+
+    def settimeout(self, timeout: Any) -> None:
+        self._timeout = _seconds(timeout)
+
+    def gettimeout(self) -> Optional[float]:
+        return self._timeout
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def fileno(self) -> int:
+        if self._closed:
+            return -1
+        return _idle_fileno()
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._waiting.clear()
+        self._answers.clear()
+
+    def __repr__(self) -> str:
+        return "<agenshield_shim VirtualSocket %s via the broker at %s (rpc)%s>" % (
+            self._plan.destination, self._plan.broker, " closed" if self._closed else "")

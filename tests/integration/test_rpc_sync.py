@@ -1,0 +1,463 @@
+"""The rpc transport (AGENSHIELD_TRANSPORT=rpc) for the sync clients: http.client, urllib.request,
+urllib3 1.26 and 2.x, requests, botocore and pip.
+
+The fidelity matrix runs in test_routing_sync.py for every transport (its ``route`` fixture); this
+file covers what is particular to rpc: the errors (policy refusal, error 1004, a 413, a broker that
+is down, silent or answers garbage), timeouts, an application's proxy, TLS done by the broker,
+what only a tunnel can carry, and the clients built on http.client beyond the matrix.
+Every test runs a real interpreter against the reference broker and the loopback upstream.
+"""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from .conftest import BrokerHandle, Listener, ShimEnv
+from .test_routing_sync import (
+    APP_PROXY,
+    BOTOCORE,
+    EPILOGUE,
+    PRELUDE,
+    READ_TIMEOUTS,
+    assert_all_ok,
+    base_url,
+    run_checks,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def env2(shim_env_factory) -> ShimEnv:
+    """Python 3.11, requests on urllib3 2.x, botocore (the same environment as test_routing_sync)."""
+    return shim_env_factory("3.11", "requests", "urllib3>=2", "botocore")
+
+
+@pytest.fixture(scope="module")
+def env1(shim_env_factory) -> ShimEnv:
+    return shim_env_factory("3.11", "requests", "urllib3<2")
+
+
+@pytest.fixture(params=["urllib3-2", "urllib3-1.26"])
+def requests_env(request: pytest.FixtureRequest) -> ShimEnv:
+    return request.getfixturevalue("env2" if request.param == "urllib3-2" else "env1")
+
+
+def rpc(broker_env: Dict[str, str], **extra: str) -> Dict[str, str]:
+    return dict(broker_env, AGENSHIELD_TRANSPORT="rpc", **extra)
+
+
+def results_of(result) -> Dict[str, str]:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, "script failed (rc %s):\n%s\n%s" % (result.returncode, result.stdout[-3000:], result.stderr[-5000:])
+    return json.loads(lines[-1][len("RESULTS "):])  # type: ignore[no-any-return]
+
+
+# -- a policy refusal: error 1001 ----------------------------------------------------------------
+
+REFUSED = r'''
+import http.client, ssl, urllib.error, urllib.request
+import requests, urllib3
+import agenshield_shim
+DEST = BASE.split("://", 1)[1]
+ctx = ssl.create_default_context(cafile=CA)
+
+def refused(text):
+    expect("AgenShield" in text and DEST in text and "denied" in text and "1001" in text, text)
+
+@check
+def urllib_request_urlerror():
+    try:
+        urllib.request.urlopen(BASE + "/echo?tag=" + TAG, context=ctx, timeout=10)
+    except urllib.error.URLError as exc:
+        refused(str(exc))
+        expect(isinstance(exc.reason, agenshield_shim.NetworkBlockedError), type(exc.reason))
+    else:
+        raise AssertionError("not refused")
+
+@check
+def http_client_network_blocked_error():
+    host, port = DEST.rsplit(":", 1)
+    cls = http.client.HTTPSConnection if BASE.startswith("https") else http.client.HTTPConnection
+    conn = cls(host, int(port), timeout=10, **({"context": ctx} if BASE.startswith("https") else {}))
+    try:
+        conn.request("GET", "/echo?tag=" + TAG)
+    except agenshield_shim.NetworkBlockedError as exc:
+        expect(exc.code == 1001 and "deny-upstream" in exc.broker_message, (exc.code, exc.broker_message))
+        refused(str(exc))
+    else:
+        raise AssertionError("not refused")
+
+@check
+def urllib3_proxy_error():
+    try:
+        urllib3.PoolManager(ca_certs=CA).request("GET", BASE + "/echo?tag=" + TAG, retries=False)
+    except urllib3.exceptions.ProxyError as exc:
+        refused(str(exc))
+    else:
+        raise AssertionError("not refused")
+
+@check
+def requests_proxy_error():
+    try:
+        requests.get(BASE + "/echo?tag=" + TAG, verify=CA, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        refused(str(exc))
+    else:
+        raise AssertionError("not refused")
+
+@check
+def no_proxy_and_application_proxy_change_nothing():
+    os.environ["NO_PROXY"] = "*"
+    try:
+        requests.get(BASE + "/echo?tag=" + TAG, verify=CA, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        refused(str(exc))
+    else:
+        raise AssertionError("NO_PROXY opened a way around the broker")
+    del os.environ["NO_PROXY"]
+    proxy = os.environ["EVIL_PROXY"]
+    try:
+        requests.get(BASE + "/echo?tag=" + TAG, verify=CA, timeout=10, proxies={"http": proxy, "https": proxy})
+    except requests.exceptions.ConnectionError as exc:
+        refused(str(exc))
+    else:
+        raise AssertionError("an application proxy opened a way around the broker")
+
+@check
+def each_redirect_hop_is_checked():
+    # the allowed upstream on the other scheme redirects to the denied one: the client follows, the broker refuses
+    other = os.environ["ALLOWED_BASE"]
+    try:
+        requests.get(other + "/redirect-to?url=" + BASE + "/echo%3Ftag%3D" + TAG, verify=CA, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        refused(str(exc))
+    else:
+        raise AssertionError("a redirect hop was not checked")
+'''
+
+
+@pytest.fixture(scope="module")
+def hop_broker(start_broker, upstream, tmp_path_factory: pytest.TempPathFactory) -> BrokerHandle:
+    """Allows the upstream's HTTP port, denies its HTTPS port (rule "deny-upstream")."""
+    policy = tmp_path_factory.mktemp("policy") / "deny-https.toml"
+    policy.write_text(
+        '[[rules]]\nid = "deny-upstream"\naction = "deny"\nhosts = ["127.0.0.1", "localhost", "::1"]\n'
+        "ports = [%d]\n\n"
+        '[[rules]]\nid = "loopback"\naction = "allow"\nhosts = ["localhost", "127.0.0.0/8", "::1/128"]\n'
+        % upstream.https_port
+    )
+    return start_broker("--policy", str(policy), "--upstream-ca", str(upstream.ca_file))
+
+
+def test_policy_refusal_is_each_librarys_error(requests_env: ShimEnv, hop_broker: BrokerHandle, upstream,
+                                               tcp_listener: Listener) -> None:
+    mark = hop_broker.mark()
+    tag = uuid.uuid4().hex
+    variables = rpc(hop_broker.env, EVIL_PROXY="http://%s:%d" % (tcp_listener.host, tcp_listener.port),
+                    ALLOWED_BASE=upstream.http_url)
+    result = requests_env.run(PRELUDE + REFUSED + EPILOGUE, upstream.https_url, upstream.ca_file,
+                              str(hop_broker.pid), tag, env=variables)
+    assert_all_ok(results_of(result))
+    denied = [e for e in hop_broker.audit(mark) if e["operation"] == "http_request" and not e["allowed"]]
+    assert len(denied) >= 7, denied
+    assert upstream.request_count(tag) == 0 and tcp_listener.settle() == 0
+    hops = [e for e in hop_broker.audit(mark) if e["operation"] == "http_request" and "/redirect-to" in str(e["target"])]
+    assert hops and all(e["allowed"] for e in hops), hops  # the first hop was allowed, its redirect was not
+
+
+# -- the broker down, silent, or answering garbage ---------------------------------------------------
+
+BROKER_TROUBLE = r'''
+import socket, ssl, urllib.error, urllib.request, http.client
+import requests, urllib3
+PORT = os.environ["AGENSHIELD_BROKER_PORT"]
+KIND = os.environ["TROUBLE"]
+
+def clear(text):
+    expect("AgenShield" in text and "127.0.0.1:" + PORT in text and "broker" in text, text)
+
+@check
+def requests_error():
+    started = time.time()
+    try:
+        requests.get(BASE + "/echo", params={"tag": TAG}, verify=CA, timeout=(1, 30))
+    except requests.exceptions.ConnectTimeout as exc:
+        expect(KIND == "silent", "ConnectTimeout for a broker that is " + KIND)
+        clear(str(exc))
+    except requests.exceptions.ProxyError as exc:
+        expect(KIND != "silent", "ProxyError for a silent broker")
+        clear(str(exc))
+    else:
+        raise AssertionError("no error")
+    expect(time.time() - started < 3, time.time() - started)
+
+@check
+def urllib3_error():
+    try:
+        urllib3.PoolManager(ca_certs=CA).request("GET", BASE + "/echo?tag=" + TAG, retries=False,
+                                                 timeout=urllib3.Timeout(connect=1, read=30))
+    except (urllib3.exceptions.ProxyError, urllib3.exceptions.ConnectTimeoutError) as exc:
+        clear(str(exc))
+    else:
+        raise AssertionError("no error")
+
+@check
+def urllib_request_error():
+    started = time.time()
+    try:
+        urllib.request.urlopen(BASE + "/echo?tag=" + TAG, context=ssl.create_default_context(cafile=CA), timeout=1)
+    except urllib.error.URLError as exc:
+        clear(str(exc))
+        if KIND == "down":
+            expect(isinstance(exc.reason, ConnectionRefusedError), type(exc.reason))
+    except socket.timeout as exc:
+        expect(KIND == "silent", type(exc))
+        clear(str(exc))
+    else:
+        raise AssertionError("no error")
+    expect(time.time() - started < 3, time.time() - started)
+'''
+
+
+#: A listener that is not a broker: HTTP, but not JSON-RPC.
+NOT_JSON_RPC = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 15\r\n\r\n<html>hi</html>"
+
+
+@pytest.mark.parametrize("trouble", ["down", "silent", "garbage"])
+def test_broker_trouble_is_a_fast_clear_error(requests_env: ShimEnv, upstream, trouble: str,
+                                             request: pytest.FixtureRequest) -> None:
+    if trouble == "garbage":
+        port = request.getfixturevalue("garbage_server")(NOT_JSON_RPC)
+    else:
+        port = request.getfixturevalue({"down": "dead_broker_port", "silent": "silent_broker"}[trouble])
+    tag = uuid.uuid4().hex
+    variables = rpc({"AGENSHIELD_BROKER_HOST": "127.0.0.1", "AGENSHIELD_BROKER_PORT": str(port)}, TROUBLE=trouble)
+    result = requests_env.run(PRELUDE + BROKER_TROUBLE + EPILOGUE, upstream.https_url, upstream.ca_file, "0", tag,
+                              env=variables)
+    assert_all_ok(results_of(result))
+    assert upstream.request_count(tag) == 0  # never a direct connection
+
+
+# -- errors from the broker's side: 1004, 413, TLS --------------------------------------------------
+
+BROKER_ERRORS = r'''
+import socket, ssl, urllib.error, urllib.request
+import requests, urllib3
+CLOSED = os.environ["CLOSED_URL"]
+
+@check
+def network_error_1004():
+    try:
+        requests.get(CLOSED + "/x", timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        expect("AgenShield" in str(exc) and "1004" in str(exc) and CLOSED.split("//")[1] in str(exc), str(exc))
+    else:
+        raise AssertionError("no error")
+    try:
+        urllib.request.urlopen(CLOSED + "/x", timeout=10)
+    except urllib.error.URLError as exc:
+        expect("1004" in str(exc), str(exc))
+    else:
+        raise AssertionError("no error")
+
+@check
+def oversized_body_413():
+    body = "x" * 200000
+    try:
+        requests.post(BASE + "/echo?tag=" + TAG, data=body, verify=CA, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        expect("AgenShield" in str(exc) and "413" in str(exc), str(exc))
+    else:
+        raise AssertionError("no error")
+    small = requests.post(BASE + "/echo?tag=" + TAG, data="y" * 100, verify=CA, timeout=10)  # still serving
+    expect(small.status_code == 200 and small.json()["body"] == "y" * 100, small.text)
+'''
+
+
+def test_broker_errors(env2: ShimEnv, start_broker, upstream, dead_broker_port: int) -> None:
+    small = start_broker("--max-body-size", "64k", "--upstream-ca", str(upstream.ca_file))
+    tag = uuid.uuid4().hex
+    result = env2.run(PRELUDE + BROKER_ERRORS + EPILOGUE, upstream.https_url, upstream.ca_file, str(small.pid), tag,
+                      env=rpc(small.env, CLOSED_URL="http://127.0.0.1:%d" % dead_broker_port))
+    assert_all_ok(results_of(result))
+    assert upstream.request_count(tag) == 1  # only the small upload reached the upstream
+
+
+TLS_BY_THE_BROKER = r'''
+import ssl, urllib.error, urllib.request
+import requests
+
+@check
+def broker_without_the_ca_fails_clearly():
+    try:
+        requests.get(BASE + "/echo", verify=CA, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        expect("AgenShield" in str(exc) and "CERTIFICATE_VERIFY_FAILED" in str(exc), str(exc))
+    else:
+        raise AssertionError("the broker accepted a certificate it cannot verify")
+'''
+
+
+def test_tls_is_verified_by_the_broker(env2: ShimEnv, broker: BrokerHandle, upstream) -> None:
+    """Under rpc the broker makes the TLS connection: a broker that does not trust the upstream's CA
+    refuses it, whatever CA the application trusts (in the tunnel transport the application verifies)."""
+    result = env2.run(PRELUDE + TLS_BY_THE_BROKER + EPILOGUE, upstream.https_url, upstream.ca_file, str(broker.pid),
+                      env=rpc(broker.env))
+    assert_all_ok(results_of(result))
+
+
+def test_read_timeouts_honoured(requests_env: ShimEnv, rpc_broker: BrokerHandle, upstream) -> None:
+    """The caller's read timeout becomes the call's timeout: requests' ReadTimeout, urllib3's ReadTimeoutError."""
+    result = requests_env.run(PRELUDE + READ_TIMEOUTS + EPILOGUE, upstream.https_url, upstream.ca_file,
+                              str(rpc_broker.pid), env=rpc_broker.rpc_env)
+    assert_all_ok(results_of(result))
+
+
+# -- an application's proxy, tunnel-only requests ---------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_application_proxy_is_replaced(requests_env: ShimEnv, rpc_broker: BrokerHandle, upstream,
+                                       tcp_listener: Listener, scheme: str) -> None:
+    mark = rpc_broker.mark()
+    tag = uuid.uuid4().hex
+    variables = dict(rpc_broker.rpc_env, APP_PROXY="http://%s:%d" % (tcp_listener.host, tcp_listener.port))
+    result = requests_env.run(PRELUDE + APP_PROXY + EPILOGUE, base_url(upstream, scheme), upstream.ca_file,
+                              str(rpc_broker.pid), tag, env=variables)
+    assert_all_ok(results_of(result))
+    assert tcp_listener.settle() == 0, "the application's proxy was contacted"
+    assert upstream.request_count(tag) == 5
+    assert len(rpc_broker.calls(tag, mark)) == 5
+
+
+TUNNEL_ONLY = r'''
+import http.client, urllib.request, ssl
+import requests
+host, port = BASE.split("://")[1].rsplit(":", 1)
+
+@check
+def websocket_upgrade_names_the_tunnel():
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/ws?tag=" + TAG, headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                      "Sec-WebSocket-Version": "13"})
+        conn.getresponse()
+    except OSError as exc:
+        expect("AgenShield" in str(exc) and "AGENSHIELD_TRANSPORT=tunnel" in str(exc) and "upgrade" in str(exc), str(exc))
+    else:
+        raise AssertionError("an upgrade went through the rpc transport")
+
+@check
+def connect_method_names_the_tunnel():
+    try:
+        requests.request("CONNECT", BASE + "/?tag=" + TAG, timeout=10)
+    except requests.exceptions.ProxyError as exc:
+        expect("AGENSHIELD_TRANSPORT=tunnel" in str(exc), str(exc))
+    else:
+        raise AssertionError("CONNECT went through the rpc transport")
+
+@check
+def trace_context_is_sent():
+    expect(requests.get(BASE + "/echo?tag=" + TAG, timeout=10).status_code == 200, "request")
+'''
+
+
+def test_tunnel_only_requests_and_context(env2: ShimEnv, rpc_broker: BrokerHandle, upstream) -> None:
+    mark = rpc_broker.mark()
+    tag = uuid.uuid4().hex
+    variables = dict(rpc_broker.rpc_env, AGENSHIELD_TRACE_ID="trace-" + tag, AGENSHIELD_DEPTH="2")
+    result = env2.run(PRELUDE + TUNNEL_ONLY + EPILOGUE, upstream.http_url, upstream.ca_file, str(rpc_broker.pid), tag,
+                      env=variables)
+    assert_all_ok(results_of(result))
+    assert upstream.request_count(tag) == 1  # only the plain request
+    calls = rpc_broker.calls(tag, mark)
+    assert len(calls) == 1, calls
+    assert "trace-" + tag in json.dumps(calls[0]), calls[0]  # AGENSHIELD_TRACE_ID reached the broker's audit
+
+
+# -- botocore, pip, Unix socket, other Pythons --------------------------------------------------------
+
+
+def test_botocore(env2: ShimEnv, rpc_broker: BrokerHandle, upstream) -> None:
+    mark = rpc_broker.mark()
+    assert_all_ok(run_checks(env2, rpc_broker, BOTOCORE, upstream.https_url, upstream.ca_file,
+                             variables=rpc_broker.rpc_env))
+    assert rpc_broker.calls("/s3/bkt/k/obj.bin", mark)
+
+
+def test_pip_download_from_loopback_index(env2: ShimEnv, rpc_broker: BrokerHandle, upstream, tmp_path: Path) -> None:
+    """pip (vendored requests and urllib3) downloads a wheel from an HTTPS index, each request one call."""
+    mark = rpc_broker.mark()
+    dest = tmp_path / "dl"
+    result = env2.run(
+        "import runpy, sys; sys.argv[0] = 'pip'; runpy.run_module('pip', run_name='__main__')",
+        "download", "--isolated", "--disable-pip-version-check", "--no-cache-dir", "--no-deps",
+        "--index-url", upstream.https_url + "/simple/", "--cert", upstream.ca_file, "-d", str(dest),
+        "agenshield-probe", timeout=120,
+        env=dict(rpc_broker.rpc_env, REQUESTS_CA_BUNDLE="", CURL_CA_BUNDLE=""),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (dest / upstream.index_wheel.name).read_bytes() == upstream.index_wheel.read_bytes()
+    assert rpc_broker.calls(upstream.index_wheel.name, mark)
+
+
+def test_unix_socket_broker(env2: ShimEnv, unix_broker: BrokerHandle, upstream) -> None:
+    mark = unix_broker.mark()
+    code = PRELUDE + r'''
+import requests, urllib.request
+s = requests.Session()
+for i in range(3):
+    assert s.get(BASE + "/echo", params={"tag": TAG}).status_code == 200
+assert urllib.request.urlopen(BASE + "/echo?tag=" + TAG).status == 200
+print("done")
+'''
+    tag = uuid.uuid4().hex
+    result = env2.run(code, upstream.http_url, upstream.ca_file, str(unix_broker.pid), tag, env=unix_broker.rpc_env)
+    assert "done" in result.stdout, result.stderr[-3000:]
+    calls = unix_broker.calls(tag, mark)
+    assert len(calls) == 4 and all(e["channel"] == "socket" for e in calls), calls
+
+
+SMOKE = r'''
+import socket, ssl, urllib.request, urllib.error
+import requests
+
+@check
+def requests_and_urllib():
+    s = requests.Session()
+    for i in range(3):
+        expect(s.get(BASE + "/echo", params={"tag": TAG}, verify=CA).json()["method"] == "GET", i)
+    expect(s.get(BASE + "/whoami", verify=CA).json()["pid"] in (BROKER_PID, None), "whoami")
+    r = urllib.request.urlopen(BASE + "/bytes/100000", context=ssl.create_default_context(cafile=CA))
+    expect(sha(r.read()) == sha(payload(100000)), "download")
+
+@check
+def timeouts_are_socket_timeouts():
+    try:
+        urllib.request.urlopen(BASE + "/slow/3?head=1", context=ssl.create_default_context(cafile=CA), timeout=0.5)
+    except urllib.error.URLError as exc:
+        expect(isinstance(exc.reason, socket.timeout), repr(exc.reason))
+    else:
+        raise AssertionError("no timeout")
+    try:
+        requests.get(BASE + "/slow/3?head=1", verify=CA, timeout=0.5)
+    except requests.exceptions.ReadTimeout:
+        pass
+    else:
+        raise AssertionError("no timeout")
+'''
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.13"])
+def test_smoke_other_pythons(shim_env_factory, rpc_broker: BrokerHandle, upstream, version: str) -> None:
+    env = shim_env_factory(version, "requests")
+    tag = uuid.uuid4().hex
+    result = env.run(PRELUDE + SMOKE + EPILOGUE, upstream.https_url, upstream.ca_file, str(rpc_broker.pid), tag,
+                     env=rpc_broker.rpc_env)
+    assert_all_ok(results_of(result))
+    assert upstream.request_count(tag) == 3
