@@ -536,7 +536,7 @@ def test_rpc_error_mapping_table(rpc_main_env: ShimEnv, rpc_broker: Any) -> None
         """
         import json, httpx
         from agenshield_shim import _boot, _rpc
-        from agenshield_shim.hooks.httpx import _RpcRoute
+        from agenshield_shim.hooks.httpx_rpc import _RpcRoute
         config = _boot.active_config()
         url = "https://api.example.com/v1"
         request = httpx.Request("GET", url)
