@@ -12,14 +12,15 @@ upstream, in its own process) and one reference broker (the real CLI, in its own
   call, bodies buffered and base64-encoded), reported against the tunnel (the ``shim`` row).
 
 For requests, httpx and aiohttp: the median latency of small keep-alive GETs on one session, and
-the best-of-3 throughput of a 10 MB download. Then the first-import cost of each library
+the best throughput of ten 10 MB downloads; every library and mode runs in each of five rounds,
+in a new random order each round. Then the first-import cost of each library
 (``python -c "import X"`` minus ``python -c pass``) with and without the shim (budget <= 1.15x).
 Every loop is bounded; the whole run takes a few minutes.
 """
 
 import argparse
 import json
-import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ LIBRARIES = ("requests", "httpx", "aiohttp")
 CLIENT = r'''
 import json, sys, time
 lib, mode, base, broker, n, size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+rounds = int(sys.argv[7])
 proxy = broker if mode == "by hand" else None  # shim and rpc: no proxy setting, the hooks route
 small, big = base + "/small", base + "/big?n=%d" % size
 lat, rates = [], []
@@ -47,7 +49,7 @@ if lib == "requests":
     s.get(small, proxies=proxies).content
     for _ in range(n):
         t = time.perf_counter(); s.get(small, proxies=proxies).content; lat.append(time.perf_counter() - t)
-    for _ in range(3):
+    for _ in range(rounds):
         t = time.perf_counter(); got = len(s.get(big, proxies=proxies).content); rates.append(got / (time.perf_counter() - t))
 elif lib == "httpx":
     import httpx
@@ -56,7 +58,7 @@ elif lib == "httpx":
         c.get(small).content
         for _ in range(n):
             t = time.perf_counter(); c.get(small).content; lat.append(time.perf_counter() - t)
-        for _ in range(3):
+        for _ in range(rounds):
             t = time.perf_counter(); got = len(c.get(big).content); rates.append(got / (time.perf_counter() - t))
 else:
     import asyncio, aiohttp
@@ -67,13 +69,12 @@ else:
                 t = time.perf_counter()
                 async with s.get(small, proxy=proxy) as r: await r.read()
                 lat.append(time.perf_counter() - t)
-            for _ in range(3):
+            for _ in range(rounds):
                 t = time.perf_counter()
                 async with s.get(big, proxy=proxy) as r: got = len(await r.read())
                 rates.append(got / (time.perf_counter() - t))
     asyncio.run(main())
-lat.sort()
-print(json.dumps({"latency": lat[len(lat) // 2], "rate": max(rates)}))
+print(json.dumps({"latencies": lat, "rates": rates}))
 '''
 
 
@@ -89,20 +90,35 @@ def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess
     raise RuntimeError("%s did not start" % cmd)
 
 
-def import_cost(python: str, module: str, runs: int) -> float:
-    def wall(code: str) -> float:
+def import_costs(bare: str, shim: str, module: str, runs: int) -> Tuple[float, float]:
+    """First-import time of ``module`` (``import X`` minus ``pass``) without and with the shim.
+
+    The four commands run interleaved, in a new random order each run, so a load shift on the
+    shared machine hits both sides alike.
+    """
+    def wall(python: str, code: str) -> float:
         t = time.perf_counter()
         subprocess.run([python, "-c", code], check=True, env=clean_env())
         return time.perf_counter() - t
 
-    pairs = [(wall("import " + module), wall("pass")) for _ in range(runs)]
-    return statistics.median(a for a, _ in pairs) - statistics.median(b for _, b in pairs)
+    cases = [(bare, "import " + module), (bare, "pass"), (shim, "import " + module), (shim, "pass")]
+    times: Dict[Tuple[str, str], List[float]] = {case: [] for case in cases}
+    for _ in range(runs):
+        random.shuffle(cases)
+        for python, code in cases:
+            times[(python, code)].append(wall(python, code))
+
+    def cost(python: str) -> float:
+        return statistics.median(times[(python, "import " + module)]) - statistics.median(times[(python, "pass")])
+
+    return cost(bare), cost(shim)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--requests", type=int, default=300, help="small requests per library and mode")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (2 downloads each)")
     parser.add_argument("--size-mb", type=int, default=10)
     parser.add_argument("--import-runs", type=int, default=20)
     args = parser.parse_args()
@@ -125,21 +141,29 @@ def main() -> int:
         try:
             base = "http://127.0.0.1:%d" % up_port
             broker_url = "http://127.0.0.1:%d" % broker_port
-            results: Dict[Tuple[str, str], Dict[str, float]] = {}
-            for lib in LIBRARIES:
-                for mode, python in (("shim", shim), ("rpc", shim), ("by hand", bare), ("direct", bare)):
+            samples: Dict[Tuple[str, str], Dict[str, List[float]]] = {}
+            runs = [(lib, mode, python) for lib in LIBRARIES
+                    for mode, python in (("shim", shim), ("rpc", shim), ("by hand", bare), ("direct", bare))]
+            for _ in range(args.rounds):  # interleaved in a new random order each round: load shifts hit all modes
+                random.shuffle(runs)
+                for lib, mode, python in runs:
                     variables = {"AGENSHIELD_BROKER_PORT": str(broker_port)}
                     if mode == "rpc":
                         variables["AGENSHIELD_TRANSPORT"] = "rpc"
                     out = subprocess.run(
-                        [python, "-c", CLIENT, lib, mode, base, broker_url, str(args.requests), str(size)],
+                        [python, "-c", CLIENT, lib, mode, base, broker_url, str(args.requests // args.rounds),
+                         str(size), "2"],
                         env=clean_env(**variables), capture_output=True, text=True, timeout=600,
                     )
                     if out.returncode != 0:
                         raise RuntimeError("%s %s failed:\n%s" % (lib, mode, out.stderr))
-                    results[(lib, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
-            costs = {lib: (import_cost(bare, lib, args.import_runs), import_cost(shim, lib, args.import_runs))
-                     for lib in LIBRARIES}
+                    got = json.loads(out.stdout.strip().splitlines()[-1])
+                    bucket = samples.setdefault((lib, mode), {"latencies": [], "rates": []})
+                    bucket["latencies"] += got["latencies"]
+                    bucket["rates"] += got["rates"]
+            results = {key: {"latency": statistics.median(v["latencies"]), "rate": max(v["rates"])}
+                       for key, v in samples.items()}
+            costs = {lib: import_costs(bare, shim, lib, args.import_runs) for lib in LIBRARIES}
         finally:
             broker.terminate()
             upstream.terminate()
@@ -147,7 +171,8 @@ def main() -> int:
             upstream.wait(10)
     version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
                              capture_output=True, text=True).stdout.strip()
-    print("Python %s; %d small requests, best of 3 x %d MB; loopback" % (version, args.requests, args.size_mb))
+    print("Python %s; %d small requests (median), best of %d x %d MB; %d interleaved rounds; loopback" % (
+        version, args.requests, 2 * args.rounds, args.size_mb, args.rounds))
     print("%-9s %-8s %12s %9s %12s %9s" % ("library", "mode", "latency us", "vs hand", "MB/s", "vs hand"))
     for lib in LIBRARIES:
         hand = results[(lib, "by hand")]
