@@ -593,6 +593,7 @@ print(json.dumps({"done": done[0], "errors": errors[:5], "seconds": time.time() 
 REFUSAL_CHECKS = r'''
 import http.client, ssl, urllib.error, urllib.request
 import requests, urllib3
+import agenshield_shim
 DEST = BASE.split("://", 1)[1]
 ctx = ssl.create_default_context(cafile=CA)
 
@@ -605,6 +606,7 @@ def urllib_request_urlerror():
         urllib.request.urlopen(BASE + "/echo?tag=" + TAG, context=ctx, timeout=10)
     except urllib.error.URLError as exc:
         refused(str(exc))
+        expect(isinstance(exc.reason, agenshield_shim.NetworkBlockedError), type(exc.reason))
     else:
         raise AssertionError("not refused")
 
@@ -618,9 +620,11 @@ def http_client_oserror():
     try:
         conn.request("GET", "/echo")
     except OSError as exc:
-        import agenshield_shim
         expect(isinstance(exc, agenshield_shim.NetworkBlockedError), type(exc))
-        expect(exc.status == 403 and exc.kind == "blocked-by-policy", (exc.status, exc.kind))
+        if RPC:  # the broker's JSON-RPC error
+            expect(exc.code == 1001 and "deny-upstream" in exc.broker_message, (exc.code, exc.broker_message))
+        else:  # the broker's answer to CONNECT
+            expect(exc.status == 403 and exc.kind == "blocked-by-policy", (exc.status, exc.kind))
         refused(str(exc))
     else:
         raise AssertionError("not refused")
@@ -673,19 +677,21 @@ def application_proxy_and_no_proxy_change_nothing():
 '''
 
 
+@pytest.mark.parametrize("transport", ["tunnel", "rpc"])
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_broker_refusal_is_each_librarys_error(requests_env: ShimEnv, deny_broker: BrokerHandle, upstream,
-                                              tcp_listener: Listener, scheme: str) -> None:
+                                              tcp_listener: Listener, scheme: str, transport: str) -> None:
     mark = deny_broker.mark()
     tag = uuid.uuid4().hex
-    env = dict(deny_broker.env, EVIL_PROXY="http://%s:%d" % (tcp_listener.host, tcp_listener.port))
+    env = dict(Route(transport, deny_broker).env, EVIL_PROXY="http://%s:%d" % (tcp_listener.host, tcp_listener.port))
     result = requests_env.run(PRELUDE + REFUSAL_CHECKS + EPILOGUE, base_url(upstream, scheme), upstream.ca_file,
                               str(deny_broker.pid), tag, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, result.stderr[-4000:]
     assert_all_ok(json.loads(lines[-1][8:]))
-    denied = [e for e in deny_broker.audit(mark) if e["operation"] in ("connect", "forward") and not e["allowed"]]
-    assert denied, "the broker logged no refusal"
+    operations = ("connect", "forward") if transport == "tunnel" else ("http_request",)
+    denied = [e for e in deny_broker.audit(mark) if e["operation"] in operations and not e["allowed"]]
+    assert len(denied) >= 6, denied
     assert upstream.request_count(tag) == 0 and tcp_listener.settle() == 0
 
 
