@@ -170,6 +170,24 @@ def shim_env_factory(tmp_path_factory: pytest.TempPathFactory, wheel: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def env2(shim_env_factory) -> ShimEnv:
+    """Python 3.11, requests on urllib3 2.x, botocore (the sync routing tests)."""
+    return shim_env_factory("3.11", "requests", "urllib3>=2", "botocore")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def env1(shim_env_factory) -> ShimEnv:
+    """Python 3.11, requests on urllib3 1.26."""
+    return shim_env_factory("3.11", "requests", "urllib3<2")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["urllib3-2", "urllib3-1.26"])
+def requests_env(request: pytest.FixtureRequest) -> ShimEnv:
+    """requests on each urllib3 major version."""
+    return request.getfixturevalue("env2" if request.param == "urllib3-2" else "env1")  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def fresh_shim(shim: ShimEnv, wheel: Path, tmp_path: Path) -> ShimEnv:
     """A private copy for tests that change the installation (break it, uninstall it)."""

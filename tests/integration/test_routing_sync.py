@@ -441,24 +441,7 @@ def target_of(upstream, scheme: str) -> str:
     return "localhost:%d" % upstream.https_port if scheme == "https" else "127.0.0.1:%d" % upstream.http_port
 
 
-# -- environments ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env2(shim_env_factory) -> ShimEnv:
-    """Python 3.11, requests on urllib3 2.x, botocore."""
-    return shim_env_factory("3.11", "requests", "urllib3>=2", "botocore")
-
-
-@pytest.fixture(scope="module")
-def env1(shim_env_factory) -> ShimEnv:
-    """Python 3.11, requests on urllib3 1.26."""
-    return shim_env_factory("3.11", "requests", "urllib3<2")
-
-
-@pytest.fixture(params=["urllib3-2", "urllib3-1.26"])
-def requests_env(request: pytest.FixtureRequest) -> ShimEnv:
-    return request.getfixturevalue("env2" if request.param == "urllib3-2" else "env1")
+# -- environments: env1, env2 and requests_env are in conftest.py ----------------------------------
 
 
 def library_versions(env: ShimEnv) -> str:

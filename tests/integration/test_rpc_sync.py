@@ -30,22 +30,6 @@ from .test_routing_sync import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def env2(shim_env_factory) -> ShimEnv:
-    """Python 3.11, requests on urllib3 2.x, botocore (the same environment as test_routing_sync)."""
-    return shim_env_factory("3.11", "requests", "urllib3>=2", "botocore")
-
-
-@pytest.fixture(scope="module")
-def env1(shim_env_factory) -> ShimEnv:
-    return shim_env_factory("3.11", "requests", "urllib3<2")
-
-
-@pytest.fixture(params=["urllib3-2", "urllib3-1.26"])
-def requests_env(request: pytest.FixtureRequest) -> ShimEnv:
-    return request.getfixturevalue("env2" if request.param == "urllib3-2" else "env1")
-
-
 def rpc(broker_env: Dict[str, str], **extra: str) -> Dict[str, str]:
     return dict(broker_env, AGENSHIELD_TRANSPORT="rpc", **extra)
 
