@@ -21,7 +21,8 @@ When the call happens is chosen for the caller's exceptions and timeouts:
 caller's connect timeout, so a broker that is down or silent fails there, fast, as in the tunnel
 transport. A TLS connection is never wrapped locally: the broker makes the upstream TLS connection
 and verifies it against its own trust store, so the application's CA settings do not apply (see
-the README).
+the README); urllib3's certificate pinning (``assert_fingerprint``), which would be silently lost,
+is refused instead.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def connect(conn: Any, route: _Route) -> None:
     """The rpc transport's ``connect()``: check the broker answers, give ``conn`` a virtual socket."""
     plan = _Plan(conn, route)
     url = "%s://%s/" % (plan.scheme, plan.authority)
+    if plan.scheme == "https" and getattr(conn, "assert_fingerprint", None):
+        # urllib3's certificate pinning: the broker makes the TLS connection, so the pin cannot be
+        # checked here, and dropping it silently would weaken what the application asked for
+        raise plan.error(_rpc.RpcError(
+            "AgenShield: certificate pinning (assert_fingerprint) for %s cannot be honoured by the rpc transport, "
+            "where the broker at %s makes the TLS connection; %s" % (plan.destination, plan.broker, _wire.TUNNEL_ONLY_HINT),
+            None, None, plan.broker, url), url)
     timeout = _seconds(conn.timeout)
     deadline = _rpc.BROKER_CONNECT_TIMEOUT_S if timeout is None else min(timeout, _rpc.BROKER_CONNECT_TIMEOUT_S)
     try:

@@ -276,6 +276,17 @@ def connect_method_names_the_tunnel():
         raise AssertionError("CONNECT went through the rpc transport")
 
 @check
+def certificate_pinning_names_the_tunnel():
+    import urllib3
+    pinned = urllib3.PoolManager(assert_fingerprint="AA:" * 31 + "AA", ca_certs=CA)
+    try:
+        pinned.request("GET", os.environ["HTTPS_BASE"] + "/echo?tag=" + TAG, retries=False)
+    except urllib3.exceptions.ProxyError as exc:
+        expect("assert_fingerprint" in str(exc) and "AGENSHIELD_TRANSPORT=tunnel" in str(exc), str(exc))
+    else:
+        raise AssertionError("a pinned request went through without its pin being checked")
+
+@check
 def trace_context_is_sent():
     expect(requests.get(BASE + "/echo?tag=" + TAG, timeout=10).status_code == 200, "request")
 '''
@@ -284,7 +295,8 @@ def trace_context_is_sent():
 def test_tunnel_only_requests_and_context(env2: ShimEnv, rpc_broker: BrokerHandle, upstream) -> None:
     mark = rpc_broker.mark()
     tag = uuid.uuid4().hex
-    variables = dict(rpc_broker.rpc_env, AGENSHIELD_TRACE_ID="trace-" + tag, AGENSHIELD_DEPTH="2")
+    variables = dict(rpc_broker.rpc_env, AGENSHIELD_TRACE_ID="trace-" + tag, AGENSHIELD_DEPTH="2",
+                     HTTPS_BASE=upstream.https_url)
     result = env2.run(PRELUDE + TUNNEL_ONLY + EPILOGUE, upstream.http_url, upstream.ca_file, str(rpc_broker.pid), tag,
                       env=variables)
     assert_all_ok(results_of(result))
