@@ -94,3 +94,16 @@ def test_broker_port_busy_with_something_else(full_env: ShimEnv, silent_broker: 
     result, _ = selftest(full_env, extra={"AGENSHIELD_BROKER_PORT": str(silent_broker)})
     assert result.returncode == 1
     assert "FAIL  broker reachable" in result.stdout and "no broker was started" in result.stdout
+
+
+def test_passes_under_the_rpc_transport(full_env: ShimEnv, rpc_broker) -> None:
+    """AGENSHIELD_TRANSPORT=rpc: the same checks pass, each library's request is one http_request call."""
+    mark = rpc_broker.mark()
+    result, elapsed = selftest(full_env, "--json", extra=rpc_broker.rpc_env)
+    data = json.loads(result.stdout)
+    assert result.returncode == 0 and data["success"], result.stdout + result.stderr
+    assert data["transport"] == "rpc" and data["routed"]
+    calls = rpc_broker.calls("/selftest/", mark)
+    libraries = {str(e["target"]).rsplit("/", 1)[-1] for e in calls}
+    assert libraries == {"http.client", "urllib.request", "urllib3", "requests", "httpx", "aiohttp"}, calls
+    assert elapsed < 3.0
