@@ -55,10 +55,6 @@ class WireRequest:
         self.headers = headers
         self.body = body
 
-    def get(self, name: str) -> Optional[str]:
-        low = name.lower()
-        return next((v for k, v in self.headers if k.lower() == low), None)
-
     def url(self, scheme: str, authority: str) -> str:
         """The absolute URL: the target itself when the library wrote absolute form (a proxy request)."""
         lowered = self.target[:8].lower()
@@ -73,17 +69,24 @@ class WireRequest:
         return end_to_end_headers(self.headers)
 
     def check_carriable(self) -> None:
-        """Refuse what a single request/response exchange cannot carry."""
-        if self.method == "CONNECT":
-            raise TunnelOnlyError("AgenShield: the rpc transport cannot carry a CONNECT request; %s" % TUNNEL_ONLY_HINT)
-        upgrade = self.get("upgrade")
-        if upgrade is not None:
-            raise TunnelOnlyError(
-                "AgenShield: the rpc transport cannot carry a connection upgrade (Upgrade: %s, e.g. a websocket); %s"
-                % (upgrade[:100], TUNNEL_ONLY_HINT))
+        """Refuse what a single request/response exchange cannot carry (see :func:`check_carriable`)."""
+        check_carriable(self.method, self.headers)
 
     def __repr__(self) -> str:
         return "WireRequest(%s %s, %d headers, %d bytes)" % (self.method, self.target[:100], len(self.headers), len(self.body))
+
+
+def check_carriable(method: str, headers: Iterable[Tuple[str, str]]) -> None:
+    """Refuse, with :class:`TunnelOnlyError`, what a single request/response exchange cannot carry:
+    ``CONNECT`` and connection upgrades (websockets). Give it the headers as the library sent them:
+    ``Upgrade`` is a hop-by-hop header, gone after :func:`end_to_end_headers`."""
+    if method == "CONNECT":
+        raise TunnelOnlyError("AgenShield: the rpc transport cannot carry a CONNECT request; %s" % TUNNEL_ONLY_HINT)
+    upgrade = next((v for k, v in headers if k.lower() == "upgrade"), None)
+    if upgrade is not None:
+        raise TunnelOnlyError(
+            "AgenShield: the rpc transport cannot carry a connection upgrade (Upgrade: %s, e.g. a websocket); %s"
+            % (upgrade[:100], TUNNEL_ONLY_HINT))
 
 
 def end_to_end_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
@@ -109,6 +112,7 @@ class RequestAssembler:
         self._body = bytearray()
         self._need: Optional[int] = None  # bytes of body still expected (Content-Length framing)
         self._chunked = False
+        self._continue = False  # the pending request's head asked for "100 Continue" before its body
         self._done: List[WireRequest] = []
 
     @property
@@ -125,6 +129,15 @@ class RequestAssembler:
     def pop(self) -> Optional[WireRequest]:
         """The oldest complete request, if any."""
         return self._done.pop(0) if self._done else None
+
+    def take_continue(self) -> bool:
+        """True, once, when the unfinished request's head asked ``Expect: 100-continue``.
+
+        Its sender waits for a ``100 Continue`` before it writes the body; with no server on the
+        other side of a virtual connection, whoever owns it has to answer.
+        """
+        pending, self._continue = self._continue, False
+        return pending
 
     # -- parsing ---------------------------------------------------------------------------------
 
@@ -177,6 +190,8 @@ class RequestAssembler:
             self._need = int(next(iter(lengths)))
         else:
             self._need = 0
+        self._continue = bool(self._chunked or self._need) and any(
+            k.lower() == "expect" and v.strip().lower() == "100-continue" for k, v in headers)
         return True
 
     def _parse_chunk(self) -> bool:
@@ -215,8 +230,15 @@ class RequestAssembler:
         assert self._head is not None
         method, target, version, headers = self._head
         self._done.append(WireRequest(method, target, version, headers, bytes(self._body)))
-        self._head, self._need, self._chunked = None, None, False
+        self._head, self._need, self._chunked, self._continue = None, None, False, False
         self._body = bytearray()
+
+
+def origin_authority(scheme: str, host: str, port: int) -> str:
+    """``host[:port]`` for a URL: IPv6 in brackets, the scheme's default port left out."""
+    host = host.strip("[]")
+    shown = "[%s]" % host if ":" in host else host
+    return shown if int(port) == (443 if scheme == "https" else 80) else "%s:%d" % (shown, int(port))
 
 
 def body_allowed(method: str, status: int) -> bool:

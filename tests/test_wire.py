@@ -20,6 +20,7 @@ from agenshield_shim._wire import (
     TunnelOnlyError,
     WireError,
     end_to_end_headers,
+    origin_authority,
     response_bytes,
 )
 
@@ -213,3 +214,26 @@ def test_response_headers_that_would_smuggle_lines_are_refused(headers) -> None:
 def test_reason_with_line_breaks_is_flattened() -> None:
     head, _ = response_bytes(RpcResponse(200, "O\r\nK", [], b"x", "https://u.test/"), "GET")
     assert head.startswith(b"HTTP/1.1 200 O  K\r\n")
+
+
+def test_expect_continue_is_reported_once_while_the_body_is_awaited() -> None:
+    assembler = RequestAssembler()
+    assembler.feed(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n")
+    assert assembler.take_continue() and not assembler.take_continue()
+    assembler.feed(b"abc")
+    request = assembler.pop()
+    assert request is not None and request.body == b"abc" and not assembler.take_continue()
+    # head and body in one write: the sender is not waiting, nothing to answer
+    assembler.feed(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc")
+    assert not assembler.take_continue() and assembler.pop() is not None
+    # no body to wait for
+    assembler.feed(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+    assert not assembler.take_continue() and assembler.pop() is not None
+
+
+@pytest.mark.parametrize("scheme, host, port, expected", [
+    ("https", "h.test", 443, "h.test"), ("http", "h.test", 80, "h.test"), ("https", "h.test", 80, "h.test:80"),
+    ("http", "::1", 8080, "[::1]:8080"), ("https", "[::1]", 443, "[::1]"),
+])
+def test_origin_authority(scheme: str, host: str, port: int, expected: str) -> None:
+    assert origin_authority(scheme, host, port) == expected

@@ -3,5 +3,23 @@
 Every hook module has the same small shape: ``TARGET`` (the module whose import
 triggers it) and ``install(module)``, with what it patches named at the top.
 The table of hooks lives in ``agenshield_shim._boot.HOOKS``, so that reading it
-costs no extra module at start.
+costs no extra module at start. This package is imported with the first hook (``socket``'s),
+so it imports nothing itself, ``typing`` included.
 """
+
+def guard_lets_through(host: object, port: object) -> bool:
+    """Would the guard let this destination through directly? (The broker always is.)
+
+    The hooks leave such connections alone: the broker itself, and ``AGENSHIELD_ALLOW``. A guard
+    that blocks everything (a configuration it cannot trust) lets nothing through, and an address
+    the guard cannot read is not direct either.
+    """
+    from .._guard import REASON, active_policy, decide_destination
+
+    policy = active_policy()
+    if policy is None or policy[REASON] is not None:
+        return False
+    try:
+        return bool(decide_destination(host, port, policy))
+    except Exception:
+        return False

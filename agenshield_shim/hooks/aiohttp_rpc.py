@@ -9,7 +9,6 @@ import asyncio
 import collections
 import errno
 import functools
-import re
 from types import ModuleType
 from typing import Any, Deque, Optional, Tuple
 
@@ -26,8 +25,9 @@ from .._rpc import (
     capabilities_async,
     http_request_async,
 )
-from .._wire import MAX_HEAD, TUNNEL_ONLY_HINT, RequestAssembler, WireError, WireRequest, response_bytes
+from .._wire import TUNNEL_ONLY_HINT, RequestAssembler, WireError, WireRequest, origin_authority, response_bytes
 from .._wire import TunnelOnlyError as _WireTunnelOnly
+from . import guard_lets_through
 
 # -- rpc: one JSON-RPC call per request, aiohttp's own protocol on a virtual transport ----------
 
@@ -35,7 +35,6 @@ from .._wire import TunnelOnlyError as _WireTunnelOnly
 #: so its flow control (``pause_reading`` on a full buffer) works as on a socket.
 _FEED_SIZE = 1 << 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_EXPECT_CONTINUE = re.compile(rb"\r\nexpect[ \t]*:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE)
 
 
 def install(module: ModuleType, config: Config) -> Optional[type]:
@@ -49,26 +48,13 @@ def install(module: ModuleType, config: Config) -> Optional[type]:
     @functools.wraps(original)
     async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
         # An application proxy is never contacted: with one, the request goes to the broker too.
-        if not req.proxy and _direct(req.url.raw_host, req.port):
+        if not req.proxy and guard_lets_through(req.url.raw_host, req.port):
             return await original(self, req, traces, timeout)
         return await _connect_virtual(self, req, timeout, config, errors)
 
     _create_connection.__agenshield_original__ = original  # type: ignore[attr-defined]
     connector_class._create_connection = _create_connection
     return errors.tunnel_only
-
-
-def _direct(host: Any, port: Any) -> bool:
-    """Would the guard let this destination through directly? (The broker always is.)"""
-    from .._guard import REASON, active_policy, decide_destination
-
-    policy = active_policy()
-    if policy is None or policy[REASON] is not None:
-        return False
-    try:
-        return bool(decide_destination(host, port, policy))
-    except Exception:  # an address the guard cannot read is not direct
-        return False
 
 
 async def _connect_virtual(connector: Any, req: Any, timeout: Any, config: Config, errors: "_RpcErrors") -> Any:
@@ -109,11 +95,8 @@ class _Endpoint:
         self.errors = errors
         # wss:// and ws:// are upgrades (refused per request); https:// is not encrypted locally
         self.scheme = "https" if req.is_ssl() else "http"
-        host = req.url.raw_host or ""
-        shown = "[%s]" % host if ":" in host else host
-        port = req.port
-        default = 443 if self.scheme == "https" else 80
-        self.authority = shown if port in (None, default) else "%s:%d" % (shown, port)
+        port = req.port if req.port is not None else (443 if self.scheme == "https" else 80)
+        self.authority = origin_authority(self.scheme, req.url.raw_host or "", port)
         self.connection_key = req.connection_key
         self.total = getattr(timeout, "total", None)
 
@@ -202,8 +185,6 @@ class _RpcTransport(asyncio.Transport):
         self._assembler = RequestAssembler()
         self._requests: Deque[WireRequest] = collections.deque()
         self._inbox: Deque[memoryview] = collections.deque()
-        self._head_probe = bytearray()  # the current request's bytes until its head is complete
-        self._head_seen = False
         self._task: Optional["asyncio.Task[None]"] = None
         self._closing = False
         self._broken = False  # a failure was handed to the protocol: nothing more is read or answered
@@ -225,39 +206,22 @@ class _RpcTransport(asyncio.Transport):
         except WireError as exc:
             self._fail(exc, None, None)
             return
+        if self._assembler.take_continue():
+            # expect100=True: aiohttp sent the head alone and waits for "100 Continue" before the
+            # body; the broker gets the request whole, so nobody else would answer
+            self._inbox.append(memoryview(_CONTINUE))
+            self._schedule_feed()
         request = self._assembler.pop()
         if request is None:
-            self._answer_expect_continue(chunk)
             return
         while request is not None:
             self._requests.append(request)
             request = self._assembler.pop()
-        self._head_probe.clear()
-        self._head_seen = False
         if self._task is None:
             self._task = self._loop.create_task(self._serve())
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(bytes(d) for d in list_of_data))
-
-    def _answer_expect_continue(self, chunk: bytes) -> None:
-        """``expect100=True``: aiohttp sends the head alone and waits for ``100 Continue`` before the body.
-
-        No one else will answer it (the broker gets the request whole), so the transport does, once
-        the head of a request that asks for it is complete.
-        """
-        if self._head_seen:
-            return
-        self._head_probe += chunk[:MAX_HEAD + 4]  # the head is all it looks for
-        end = self._head_probe.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        self._head_seen = True
-        head = bytes(self._head_probe[:end + 2])
-        self._head_probe.clear()
-        if _EXPECT_CONTINUE.search(head):
-            self._inbox.append(memoryview(_CONTINUE))
-            self._schedule_feed()
 
     def can_write_eof(self) -> bool:
         return True

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit  # http.client has imported it already
 
 from .. import NetworkBlockedError
 from .._boot import active_config
+from . import guard_lets_through
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -279,7 +280,7 @@ def _plan(conn: Any) -> Optional[_Route]:
     if config.transport == "rpc":
         if tunnel_host:  # the real destination; the application's proxy is not used
             return _Route(config, "rpc", (tunnel_host, conn._tunnel_port))
-        if _direct(conn.host, conn.port):
+        if guard_lets_through(conn.host, conn.port):
             return None
         return _Route(config, "rpc", (conn.host, conn.port))  # absolute-form targets are read per request
     if config.transport != "tunnel":
@@ -287,7 +288,7 @@ def _plan(conn: Any) -> Optional[_Route]:
     if tunnel_host:  # set_tunnel / a tunnelling proxy: the broker replaces the proxy
         return _Route(config, "tunnel", (tunnel_host, conn._tunnel_port))
     host, port = conn.host, conn.port
-    if _direct(host, port):  # the broker itself, or a destination the guard lets through
+    if guard_lets_through(host, port):  # the broker itself, or a destination the guard lets through
         return None
     absolute = conn.__dict__.get(_ABSOLUTE)
     if absolute is not None:  # requests in absolute form: the caller talks to a forwarding proxy
@@ -303,19 +304,6 @@ def _plan(conn: Any) -> Optional[_Route]:
 
 def _broker_name(config: "Config") -> str:
     return "unix:" + config.broker_socket if config.broker_socket else config.broker
-
-
-def _direct(host: Any, port: Any) -> bool:
-    """Would the guard let this destination through directly? (The broker always is.)"""
-    from .._guard import REASON, active_policy, decide_destination
-
-    policy = active_policy()
-    if policy is None or policy[REASON] is not None:
-        return False
-    try:
-        return decide_destination(host, port, policy)
-    except Exception:  # an address the guard cannot read is not direct
-        return False
 
 
 def _is_tls(conn: Any) -> bool:

@@ -34,7 +34,6 @@ import threading
 from .. import _rpc, _wire
 from .http_client import (
     BrokerUnavailableError,
-    _authority,
     _broker_name,
     _is_tls,
     _Route,
@@ -80,8 +79,7 @@ class _Plan:
         host, port = route.target
         self.config = route.config
         self.scheme = "https" if _is_tls(conn) else "http"
-        default = 443 if self.scheme == "https" else 80
-        self.authority = _authority(host, port) if int(port) != default else _authority(host, port).rsplit(":", 1)[0]
+        self.authority = _wire.origin_authority(self.scheme, host, port)
         self.destination = route.destination
         self.broker = _broker_name(route.config)
         self.exceptions: Optional[ModuleType] = _urllib3_exceptions(type(conn))

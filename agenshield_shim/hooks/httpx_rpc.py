@@ -50,8 +50,8 @@ class _RpcRoute:
         # Without userinfo (httpx already turned it into an Authorization header) and fragment.
         target = "%s://%s%s" % (url.scheme, url.netloc.decode("ascii"), url.raw_path.decode("ascii"))
         sent = [(_text(k), _text(v)) for k, v in request.headers.raw]
-        try:  # before the hop-by-hop headers go: Upgrade is one of them
-            _wire.WireRequest(request.method, "/", "HTTP/1.1", sent, b"").check_carriable()
+        try:
+            _wire.check_carriable(request.method, sent)
         except _wire.TunnelOnlyError as exc:
             raise module.UnsupportedProtocol(str(exc), request=request) from None
         headers = _wire.end_to_end_headers(sent)
