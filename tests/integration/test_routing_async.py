@@ -731,6 +731,14 @@ def upload_sha(answer: Dict[str, Any]) -> str:
     return answer["sha256"]  # type: ignore[no-any-return]
 
 
+def assert_concurrent_answers(results: Dict[str, Any], name: str) -> None:
+    """The 200 concurrent requests of a suite's ``concurrent`` check: each answered, each its own."""
+    answers = value(results, name)
+    assert len(answers) == 200
+    for i, status, echo in answers:
+        assert status == 200 and echo_query(echo) == {"i": [str(i)]}
+
+
 def cookies_seen(answer: Dict[str, Any]) -> Dict[str, str]:  # /cookies/echo
     return answer["cookies"]  # type: ignore[no-any-return]
 
@@ -826,10 +834,7 @@ def test_aiohttp_websockets(aiohttp_results: Dict[str, Any], tag: str) -> None:
 
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_aiohttp_200_concurrent(aiohttp_results: Dict[str, Any], tag: str) -> None:
-    answers = value(aiohttp_results, tag + "concurrent")
-    assert len(answers) == 200
-    for i, status, echo in answers:
-        assert status == 200 and echo_query(echo) == {"i": [str(i)]}
+    assert_concurrent_answers(aiohttp_results, tag + "concurrent")
 
 
 @pytest.mark.parametrize("tag", SCHEMES)
@@ -918,10 +923,7 @@ def test_httpx_keepalive(httpx_results: Dict[str, Any], tag: str) -> None:
 
 @pytest.mark.parametrize("tag", ["async:http:", "async:https:"])
 def test_httpx_200_concurrent(httpx_results: Dict[str, Any], tag: str) -> None:
-    answers = value(httpx_results, tag + "concurrent")
-    assert len(answers) == 200
-    for i, status, echo in answers:
-        assert status == 200 and echo_query(echo) == {"i": [str(i)]}
+    assert_concurrent_answers(httpx_results, tag + "concurrent")
 
 
 def test_httpx_http2(main_env: ShimEnv, broker: Any, upstream: Any, h2_upstream: int) -> None:

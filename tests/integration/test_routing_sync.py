@@ -464,6 +464,13 @@ class Route:
         if name == "rpc-compat":
             self.env["EXPECT_TEXT_ONLY"] = "1"
 
+    def saw(self, upstream, url_part: str, mark: int) -> bool:
+        """Did the broker carry a request to the HTTPS upstream: a tunnel to it, or (rpc) a call whose
+        URL contains ``url_part``?"""
+        if self.name == "tunnel":
+            return bool(self.broker.connects(target_of(upstream, "https"), mark))
+        return bool(self.broker.calls(url_part, mark))
+
     def assert_routed(self, upstream, scheme: str, mark: int) -> None:
         """The broker's audit shows the traffic: tunnels, or (rpc) one http_request per request."""
         if self.name == "tunnel":
@@ -479,6 +486,12 @@ class Route:
 def route(request: pytest.FixtureRequest) -> Route:
     fixture = {"tunnel": "broker", "rpc": "rpc_broker", "rpc-compat": "compat_broker"}[request.param]
     return Route(request.param, request.getfixturevalue(fixture))
+
+
+@pytest.fixture(params=["tunnel", "rpc"])
+def binary_route(request: pytest.FixtureRequest) -> Route:
+    """Both transports, with brokers that carry binary bodies (for checks that cannot be text-only)."""
+    return Route(request.param, request.getfixturevalue("broker" if request.param == "tunnel" else "rpc_broker"))
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -522,10 +535,9 @@ print("done")
     assert len(broker.connects(target_of(upstream, "https"), mark)) == 1
 
 
-@pytest.mark.parametrize("transport", ["tunnel", "rpc"])
-def test_requests_concurrency_50_threads(env2: ShimEnv, upstream, transport: str, request: pytest.FixtureRequest) -> None:
+def test_requests_concurrency_50_threads(env2: ShimEnv, upstream, binary_route: Route) -> None:
     """50 threads x 20 requests (alternating binary downloads and echoed uploads), every body checked."""
-    route = Route(transport, request.getfixturevalue("broker" if transport == "tunnel" else "rpc_broker"))
+    route = binary_route
     broker = route.broker
     code = PRELUDE + r'''
 import threading, requests
@@ -565,7 +577,7 @@ print(json.dumps({"done": done[0], "errors": errors[:5], "seconds": time.time() 
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["errors"] == [] and outcome["done"] == 1000, outcome
     assert upstream.request_count(tag) == 1000
-    if transport == "tunnel":  # keep-alive per thread (under rpc the broker's pool decides)
+    if route.name == "tunnel":  # keep-alive per thread (under rpc the broker's pool decides)
         assert upstream.connection_count(tag) <= 60, upstream.connection_count(tag)
     else:
         assert len(broker.calls(tag)) == 1000
@@ -1000,16 +1012,21 @@ def refused_as_botocore_proxy_error():
 '''
 
 
-def test_botocore(env2: ShimEnv, broker: BrokerHandle, deny_broker: BrokerHandle, upstream) -> None:
-    mark = broker.mark()
-    assert_all_ok(run_checks(env2, broker, BOTOCORE, upstream.https_url, upstream.ca_file))
-    assert broker.connects(target_of(upstream, "https"), mark)
-    assert_all_ok(run_checks(env2, deny_broker, BOTOCORE_REFUSED, upstream.https_url, upstream.ca_file))
+def test_botocore(env2: ShimEnv, binary_route: Route, deny_broker: BrokerHandle, upstream) -> None:
+    route = binary_route
+    mark = route.broker.mark()
+    assert_all_ok(run_checks(env2, route.broker, BOTOCORE, upstream.https_url, upstream.ca_file, variables=route.env))
+    assert route.saw(upstream, "/s3/bkt/k/obj.bin", mark)
+    refusing = Route(route.name, deny_broker)
+    assert_all_ok(run_checks(env2, deny_broker, BOTOCORE_REFUSED, upstream.https_url, upstream.ca_file,
+                             variables=refusing.env))
 
 
-def test_pip_download_from_loopback_index(env2: ShimEnv, broker: BrokerHandle, upstream, tmp_path: Path) -> None:
-    """pip (its vendored requests and urllib3 1.26) downloads a wheel from an HTTPS index, via the broker."""
-    mark = broker.mark()
+def test_pip_download_from_loopback_index(env2: ShimEnv, binary_route: Route, upstream, tmp_path: Path) -> None:
+    """pip (its vendored requests and urllib3 1.26) downloads a wheel from an HTTPS index, via the broker
+    (rpc: each of its requests one call)."""
+    route = binary_route
+    mark = route.broker.mark()
     dest = tmp_path / "dl"
     result = env2.run(
         "import runpy, sys; sys.argv[0] = 'pip'; runpy.run_module('pip', run_name='__main__')",
@@ -1017,12 +1034,12 @@ def test_pip_download_from_loopback_index(env2: ShimEnv, broker: BrokerHandle, u
         "--index-url", upstream.https_url + "/simple/", "--cert", upstream.ca_file, "-d", str(dest),
         "agenshield-probe", timeout=120,
         # requests lets these variables override pip's --cert (a request-level verify wins)
-        env=dict(broker.env, REQUESTS_CA_BUNDLE="", CURL_CA_BUNDLE=""),
+        env=dict(route.env, REQUESTS_CA_BUNDLE="", CURL_CA_BUNDLE=""),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = dest / upstream.index_wheel.name
     assert got.read_bytes() == upstream.index_wheel.read_bytes()
-    assert broker.connects(target_of(upstream, "https"), mark)
+    assert route.saw(upstream, upstream.index_wheel.name, mark)
 
 
 def test_unix_socket_broker(env2: ShimEnv, unix_broker: BrokerHandle, upstream) -> None:

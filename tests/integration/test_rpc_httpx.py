@@ -20,6 +20,7 @@ import pytest
 
 from .conftest import ShimEnv
 from .test_routing_async import (
+    assert_concurrent_answers,
     BROKER_TROUBLE_SUITE,
     HTTPX_MODES,
     HTTPX_SUITE,
@@ -386,10 +387,7 @@ def test_rpc_keepalive_is_the_brokers(rpc_results: Dict[str, Any], tag: str) -> 
 
 @pytest.mark.parametrize("tag", ASYNC_MODES)
 def test_rpc_200_concurrent(rpc_results: Dict[str, Any], tag: str) -> None:
-    answers = value(rpc_results, tag + "concurrent")
-    assert len(answers) == 200
-    for i, status, echo in answers:
-        assert status == 200 and echo_query(echo) == {"i": [str(i)]}
+    assert_concurrent_answers(rpc_results, tag + "concurrent")
 
 
 # -- transports --------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ Every test runs a real interpreter against the reference broker and the loopback
 
 import json
 import uuid
-from pathlib import Path
 from typing import Dict
 
 import pytest
@@ -18,13 +17,11 @@ import pytest
 from .conftest import BrokerHandle, Listener, ShimEnv
 from .test_routing_sync import (
     APP_PROXY,
-    BOTOCORE,
     EPILOGUE,
     PRELUDE,
     READ_TIMEOUTS,
     assert_all_ok,
     base_url,
-    run_checks,
 )
 
 pytestmark = pytest.mark.integration
@@ -306,30 +303,7 @@ def test_tunnel_only_requests_and_context(env2: ShimEnv, rpc_broker: BrokerHandl
     assert "trace-" + tag in json.dumps(calls[0]), calls[0]  # AGENSHIELD_TRACE_ID reached the broker's audit
 
 
-# -- botocore, pip, Unix socket, other Pythons --------------------------------------------------------
-
-
-def test_botocore(env2: ShimEnv, rpc_broker: BrokerHandle, upstream) -> None:
-    mark = rpc_broker.mark()
-    assert_all_ok(run_checks(env2, rpc_broker, BOTOCORE, upstream.https_url, upstream.ca_file,
-                             variables=rpc_broker.rpc_env))
-    assert rpc_broker.calls("/s3/bkt/k/obj.bin", mark)
-
-
-def test_pip_download_from_loopback_index(env2: ShimEnv, rpc_broker: BrokerHandle, upstream, tmp_path: Path) -> None:
-    """pip (vendored requests and urllib3) downloads a wheel from an HTTPS index, each request one call."""
-    mark = rpc_broker.mark()
-    dest = tmp_path / "dl"
-    result = env2.run(
-        "import runpy, sys; sys.argv[0] = 'pip'; runpy.run_module('pip', run_name='__main__')",
-        "download", "--isolated", "--disable-pip-version-check", "--no-cache-dir", "--no-deps",
-        "--index-url", upstream.https_url + "/simple/", "--cert", upstream.ca_file, "-d", str(dest),
-        "agenshield-probe", timeout=120,
-        env=dict(rpc_broker.rpc_env, REQUESTS_CA_BUNDLE="", CURL_CA_BUNDLE=""),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (dest / upstream.index_wheel.name).read_bytes() == upstream.index_wheel.read_bytes()
-    assert rpc_broker.calls(upstream.index_wheel.name, mark)
+# -- Unix socket, other Pythons (botocore, pip: test_routing_sync.py, both transports) ---------
 
 
 def test_unix_socket_broker(env2: ShimEnv, unix_broker: BrokerHandle, upstream) -> None:
