@@ -8,7 +8,9 @@ matter are the ratios (of medians, and of lower quartiles, which noise moves les
 
 1. ``python -c pass`` in a virtual environment without the shim, with it
    enabled, and with ``AGENSHIELD_ENABLED=false`` (budget: enabled <= 1.10x,
-   disabled <= 1.02x the bare interpreter).
+   disabled <= 1.02x the bare interpreter); and, for reference, the bare one with a
+   ``.pth`` file holding only ``import os, sys``: what ``site`` charges for any ``.pth``
+   file, the floor under the disabled shim.
 2. The audit hook's cost on non-network events, in-process: 100,000 ``open()``
    calls, and importing a large set of standard-library packages in a fresh
    interpreter (budget: <= 1.05x).
@@ -66,6 +68,10 @@ def main() -> int:
         wheel = build_wheel(tmp / "wheel")
         bare = make_venv(args.python, tmp / "bare")
         shim = make_venv(args.python, tmp / "shim", wheel)
+        floor = make_venv(args.python, tmp / "floor")
+        site_packages = subprocess.run([floor, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                       capture_output=True, text=True, check=True).stdout.strip()
+        Path(site_packages, "floor.pth").write_text("import os, sys\n")
         target = tmp / "file.bin"
         target.write_bytes(b"x")
         on, off = clean_env(), clean_env(AGENSHIELD_ENABLED="false")
@@ -73,6 +79,7 @@ def main() -> int:
             "bare": ([bare, "-c", "pass"], on),
             "shim enabled": ([shim, "-c", "pass"], on),
             "shim disabled": ([shim, "-c", "pass"], off),
+            "any .pth (import os, sys)": ([floor, "-c", "pass"], on),
         }
         starts: Dict[str, List[float]] = {k: [] for k in columns}
         for _ in range(3):  # warm the file cache
