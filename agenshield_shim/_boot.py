@@ -1,32 +1,549 @@
 """Boot: the one import of ``agenshield_shim.pth``, run by ``site`` at every interpreter start.
 
-It reads the configuration, decides, and activates. The ``.pth`` line itself
-skips everything when ``AGENSHIELD_ENABLED`` says off, so a disabled
-interpreter imports nothing of ours. Enabled, the boot imports only the shim's
-own small modules: the guard needs neither ``socket`` nor ``asyncio``, library
-hooks are registered by name (imported with their library), and with no
-``AGENSHIELD_*`` variable set the configuration parser is not even loaded.
-A configuration it cannot trust turns into a guard that blocks everything and
-one line on stderr: never an open network.
-
-``site`` runs a ``.pth`` line twice in a virtual environment on some versions
-(lib and lib64 are both site directories), so ``boot`` is idempotent.
-
-Every module imported here costs every Python process of the environment
-0.15-0.3 ms (benchmarks/startup.py), which is why the post-import registry
-lives here rather than in a module of its own.
+Three parts, one module: the guard (a PEP 578 audit hook), the post-import hook
+registry, and ``boot()``, which reads the configuration and installs both. They
+share a module because every module imported at start-up costs every Python
+process of the environment about 0.1 ms of import machinery alone
+(benchmarks/startup.py). What runs only once a hooked library is imported lives
+in ``_importhooks``, and loads then.
 """
+
+# Why an audit hook: CPython raises its socket events from C, for ``socket``, ``_socket``, a
+# reloaded ``socket`` and asyncio's non-blocking sockets alike, in every thread, and a hook
+# cannot be removed. Monkey-patches can be undone; this cannot.
+#
+# Why the odd style of the guard's functions: they are written for an attacker who runs Python
+# code in the same interpreter and can reach them (``gc`` finds anything). So they read no
+# module globals and no builtins by name (a global can be rebound, ``builtins.len`` can be
+# replaced): everything they use is bound at definition time as a default argument, and
+# ``__defaults__`` is a tuple. Replacing ``__code__`` or ``__defaults__`` of any of them raises
+# an audit event that the hook itself refuses. They never call into objects the caller made (a
+# ``str`` subclass with a lying ``__eq__``, an ``int`` with a changing ``__index__``): the
+# address is copied through the base types' own C slots first, and anything that cannot be
+# copied that way is refused. The hook is registered as its ``__call__`` method-wrapper, so
+# that a ``__cantrace__`` attribute planted on it cannot switch tracing on inside it (a tracer
+# could otherwise jump over the ``raise``; see ``seal``). Tests check all of this
+# (tests/test_guard.py, tests/integration/test_guard_paths.py).
+#
+# The boot imports nothing else on the common path: not ``socket`` or ``asyncio`` (the guard
+# needs neither), not ``typing`` (milliseconds; only the type checker reads it), not the
+# library hooks (registered by name, imported with their library), and with no
+# ``AGENSHIELD_*`` variable set not even the configuration parser.
 
 import os
 import sys
 
-TYPE_CHECKING = False  # typing costs milliseconds at every start; only the type checker reads it
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+    from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, Union
 
     from ._config import Config
 
+    Policy = Tuple[FrozenSet[Tuple[str, int]], FrozenSet[str], Tuple[Tuple[str, int], ...], str, Optional[str]]
     Hook = Union[str, Callable[[Any], None]]
+
+from . import NetworkBlockedError
+
+# == the guard ====================================================================================
+
+
+def format_destination(host: str, port: "Optional[object]") -> str:
+    """``host:port``, with brackets around IPv6 literals so the port stays readable."""
+    if ":" in host:
+        host = "[%s]" % host
+    return host if port is None else "%s:%s" % (host, port)
+
+
+def blocked_message(destination: str, broker: str) -> str:
+    """The one wording users see, from the guard and from every hook."""
+    return "AgenShield: direct connection to %s blocked; use the broker at %s" % (destination, broker)
+
+
+# -- constants ------------------------------------------------------------------------------
+
+AF_UNIX = 1
+AF_INET = 2
+if sys.platform.startswith("linux"):
+    AF_INET6 = 10
+elif sys.platform == "darwin":
+    AF_INET6 = 30
+elif sys.platform.startswith("freebsd"):
+    AF_INET6 = 28
+else:  # pragma: no cover - Windows and others: one number CPython uses there
+    AF_INET6 = 23
+SOCK_RAW = 3
+SOCK_PACKET = 10
+# family -1: socket(fileno=...) adopting a descriptor; the family is read from it later.
+ALLOWED_FAMILIES = frozenset((AF_UNIX, AF_INET, AF_INET6, -1))
+
+CONNECT_EVENTS = frozenset(("socket.connect", "socket.sendto", "socket.sendmsg"))
+NAME_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname"))
+REVERSE_EVENTS = frozenset(("socket.gethostbyaddr", "socket.getnameinfo"))
+TAMPER_EVENTS = frozenset(("object.__setattr__", "object.__delattr__"))
+# os.environ changes reach subinterpreters, multiprocessing and every child that inherits the
+# environment, so the shim's own variables are frozen for the life of a guarded interpreter.
+ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
+WATCHED_EVENTS = (
+    CONNECT_EVENTS
+    | NAME_EVENTS
+    | REVERSE_EVENTS
+    | TAMPER_EVENTS
+    | ENV_EVENTS
+    | frozenset(("socket.__new__",))
+)
+
+LOOPBACK_NAMES = frozenset(("localhost",))
+LOOPBACK_V4 = "127.0.0.1"
+LOOPBACK_V6 = "v6:0:0:0:0:0:0:0:1"
+LOOPBACK_ALIASES = frozenset(("name:localhost", LOOPBACK_V4, LOOPBACK_V6))
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+_HEX = frozenset("0123456789abcdef")
+_DIGITS = frozenset("0123456789")
+_MAX_HOST = 253
+
+_str_copy = str.__str__  # an exact str from any real str subclass, through str's own C slot
+_bytes_decode = bytes.decode
+_int_copy = int.__index__
+_tuple_len = tuple.__len__
+_tuple_get = tuple.__getitem__
+
+# -- canonical forms ------------------------------------------------------------------------
+# A canonical host is a str: "a.b.c.d" for IPv4, "v6:h:h:h:h:h:h:h:h" for IPv6 (an IPv4-mapped
+# address becomes its IPv4 form), "name:example.com" for a DNS name, or None when the value is
+# not something we can compare safely (then it is refused).
+
+
+def _parse_v4(text: "Any", _len=len, _int=int, _digits=_DIGITS, _frozenset=frozenset) -> "Any":
+    parts = text.split(".")
+    if _len(parts) != 4:
+        return None
+    out = []
+    for part in parts:
+        # no leading zeros: inet_aton would read "010" as octal 8
+        if not part or _len(part) > 3 or not _frozenset(part) <= _digits or (part[0] == "0" and _len(part) > 1):
+            return None
+        value = _int(part)
+        if value > 255:
+            return None
+        out.append(value)
+    return out
+
+
+def _parse_v6(
+    text: "Any", _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4, _range=range
+) -> "Any":
+    if "%" in text or text.count("::") > 1:
+        return None
+    tail = []
+    if "." in text:
+        head, _, last = text.rpartition(":")
+        quad = _v4(last)
+        if quad is None:
+            return None
+        tail = [quad[0] * 256 + quad[1], quad[2] * 256 + quad[3]]
+        text = head + ":" if head.endswith(":") else head
+        if text == ":":
+            text = "::"
+    if "::" in text:
+        left, _, right = text.partition("::")
+        lparts = left.split(":") if left else []
+        rparts = right.split(":") if right else []
+        missing = 8 - _len(tail) - _len(lparts) - _len(rparts)
+        if missing < 1:
+            return None
+        parts = lparts + ["0"] * missing + rparts
+    else:
+        parts = text.split(":") if text else []
+    if _len(parts) + _len(tail) != 8:
+        return None
+    groups = []
+    for part in parts:
+        if not part or _len(part) > 4 or not _frozenset(part) <= _hex:
+            return None
+        groups.append(_int(part, 16))
+    return groups + tail
+
+
+def _canon_text(
+    text: "Any",
+    _len=len,
+    _v4=_parse_v4,
+    _v6=_parse_v6,
+    _names=_NAME_CHARS,
+    _frozenset=frozenset,
+    _max=_MAX_HOST,
+    _str=str,
+    _hexfmt="%x",
+) -> "Optional[str]":
+    """Canonical form of an exact ``str`` host, or None."""
+    host = text.lower()
+    if _len(host) > _max + 2 or not host:
+        return None
+    if host[0] == "[" and host[-1] == "]":
+        host = host[1:-1]
+    if ":" in host:
+        groups = _v6(host)
+        if groups is None:
+            return None
+        if groups[:6] == [0, 0, 0, 0, 0, 0xFFFF]:
+            hi, lo = groups[6], groups[7]
+            return "%d.%d.%d.%d" % (hi >> 8, hi & 255, lo >> 8, lo & 255)
+        return "v6:" + ":".join([_hexfmt % g for g in groups])
+    quad = _v4(host)
+    if quad is not None:
+        return "%d.%d.%d.%d" % (quad[0], quad[1], quad[2], quad[3])
+    if host.endswith("."):
+        host = host[:-1]
+    if not host or not _frozenset(host) <= _names or ".." in host:
+        return None
+    return "name:" + host
+
+
+def _exact_str(
+    value: "Any",
+    _type=type,
+    _str=str,
+    _bytes=bytes,
+    _copy=_str_copy,
+    _decode=_bytes_decode,
+    TypeError=TypeError,  # noqa: N803 - bound here, so a replaced builtins.TypeError changes nothing
+    UnicodeDecodeError=UnicodeDecodeError,  # noqa: N803
+) -> "Optional[str]":
+    """An exact str copy of a str/bytes host, read through the base type's C code, or None."""
+    kind = _type(value)
+    if kind is _str:
+        return value
+    if kind is _bytes:
+        try:
+            return _decode(value, "ascii")
+        except UnicodeDecodeError:
+            return None
+    try:
+        return _copy(value)  # TypeError unless a real str subclass
+    except TypeError:
+        pass
+    try:
+        return _decode(value, "ascii")  # a real bytes subclass
+    except (TypeError, UnicodeDecodeError):
+        return None  # bytearray (mutable: could change under us), or anything else
+
+
+def canonical_host(value: "Any", _exact=_exact_str, _canon=_canon_text) -> "Optional[str]":
+    """Canonical form of a host as passed to the socket API, or None if it cannot be trusted."""
+    text = _exact(value)
+    if text is None:
+        return None
+    return _canon(text)
+
+
+def _exact_port(value: "Any", _type=type, _int=int, _copy=_int_copy, TypeError=TypeError) -> "Optional[int]":  # noqa: N803
+    if _type(value) is _int:
+        return value
+    try:
+        return _copy(value)  # only real int subclasses pass
+    except TypeError:
+        return None  # objects with their own __index__ could answer differently twice
+
+
+def _display(value: "Any", _exact=_exact_str, _port=_exact_port, _repr=repr) -> str:
+    """A safe text for messages: never calls the caller's __str__ or __repr__."""
+    number = _port(value)
+    if number is not None:
+        return "%d" % number
+    text = _exact(value)
+    if text is None:
+        return "<unreadable address>"
+    if text.isprintable() and " " not in text:
+        return text
+    return _repr(text)
+
+
+# -- the policy -----------------------------------------------------------------------------
+
+
+# A policy is an exact tuple, not an object of a class of ours: a class attribute can be
+# replaced by anyone, a tuple's items cannot. Index names:
+DESTINATIONS, NAMES, RESOLVE, BROKER, REASON = range(5)
+
+
+def make_policy(
+    destinations: "FrozenSet[Tuple[str, int]]",
+    names: "FrozenSet[str]",
+    resolve: "Tuple[Tuple[str, int], ...]",
+    broker: str,
+    reason: "Optional[str]" = None,
+) -> "Policy":
+    """``destinations``: (canonical host, port) pairs reachable directly; ``names``: canonical
+    "name:..." hosts that may be resolved; ``resolve``: (dns name, port) entries allowed by
+    name, so resolved when a connection's port matches; ``broker``: for messages; ``reason``:
+    set when everything is blocked because the shim could not start."""
+    return (destinations, names, resolve, broker, reason)
+
+
+def policy_from_config(config: "Config") -> "Policy":
+    return policy_for(config.broker_host, config.broker_port, config.allow)
+
+
+def policy_for(broker_host: str, broker_port: int, allow: "Tuple[Tuple[str, int], ...]" = ()) -> "Policy":
+    """Turn the broker's address and the allow-list into canonical allow sets.
+
+    The broker's host and ``localhost``, ``127.0.0.1`` and ``::1`` are one host when the
+    broker is on loopback, whichever spelling the client uses.
+    """
+    entries = [(broker_host, broker_port)] + list(allow)
+    destinations = set()
+    names = set()
+    resolve = []
+    for host, port in entries:
+        canon = canonical_host(host)
+        if canon is None:  # the config parser checked the characters; this is a belt and braces
+            raise ValueError("cannot use %r as a host" % (host,))
+        aliases = LOOPBACK_ALIASES if canon in LOOPBACK_ALIASES else frozenset((canon,))
+        for alias in aliases:
+            destinations.add((alias, port))
+            if alias.startswith("name:"):
+                names.add(alias)
+        if canon.startswith("name:") and canon not in LOOPBACK_ALIASES:
+            resolve.append((canon[5:], port))
+    broker = format_destination(broker_host, broker_port)
+    return make_policy(frozenset(destinations), frozenset(names), tuple(resolve), broker)
+
+
+def block_all_policy(broker: str, reason: str) -> "Policy":
+    return make_policy(frozenset(), frozenset(), (), broker, reason)
+
+
+# -- the decision ---------------------------------------------------------------------------
+
+
+def _resolves_to(
+    canon: str,
+    port: int,
+    resolve: "Tuple[Tuple[str, int], ...]",
+    _sys=sys,
+    _canon=_canon_text,
+    _type=type,
+    _builtin=type(len),
+    _module=type(sys),
+    OSError=OSError,  # noqa: N803
+) -> bool:
+    """Is this IP one that an allowed *name* (with this port) resolves to?"""
+    # Only asked when the port matches such an entry, so most connections never resolve.
+    # ``_socket.getaddrinfo`` must be the real C function: a module planted in sys.modules
+    # under that name gets nothing.
+    wanted = [name for name, allowed_port in resolve if allowed_port == port]
+    if not wanted:
+        return False
+    module = _sys.modules.get("_socket")
+    if _type(module) is not _module:
+        return False
+    getaddrinfo = module.__dict__.get("getaddrinfo")
+    if _type(getaddrinfo) is not _builtin or getaddrinfo.__self__ is not module:
+        return False
+    for name in wanted:
+        try:
+            infos = getaddrinfo(name, port)
+        except OSError:
+            continue
+        for info in infos:
+            if _canon(info[4][0]) == canon:
+                return True
+    return False
+
+
+def decide_destination(
+    host: "Any",
+    port: "Any",
+    policy: "Policy",
+    _canonical=canonical_host,
+    _port=_exact_port,
+    _resolves=_resolves_to,
+) -> bool:
+    """May this interpreter open a connection to (host, port) directly?"""
+    canon = _canonical(host)
+    number = _port(port)
+    if canon is None or number is None:
+        return False
+    if (canon, number) in policy[0]:
+        return True
+    if policy[2] and not canon.startswith("name:"):
+        return _resolves(canon, number, policy[2])
+    return False
+
+
+def decide_name(host: "Any", policy: "Policy", _canonical=canonical_host) -> bool:
+    """May this name be resolved? IP literals need no DNS; None is the local host."""
+    if host is None:
+        return True
+    canon = _canonical(host)
+    if canon is None:
+        return False
+    return not canon.startswith("name:") or canon in policy[1]
+
+
+def decide_reverse(host: "Any", policy: "Policy", _canonical=canonical_host, _loop=LOOPBACK_ALIASES) -> bool:
+    """May this address be looked up in reverse? Only loopback: anything else asks a DNS server."""
+    canon = _canonical(host)
+    if canon is None:
+        return False
+    return canon in _loop or canon in policy[1] or canon.startswith("127.")
+
+
+def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=TypeError) -> "Any":  # noqa: N803
+    """(host, port) of an AF_INET/AF_INET6 address tuple; None for any other address."""
+    # The socket C code only accepts a tuple for AF_INET and AF_INET6, and it has already
+    # parsed the address when the event is raised, so a non-tuple here is a Unix path.
+    try:
+        size = _len(address)
+    except TypeError:
+        return None
+    if size < 2:
+        return (_get(address, 0) if size else None, None)
+    return (_get(address, 0), _get(address, 1))
+
+
+# -- the hook -------------------------------------------------------------------------------
+
+
+def make_hook(
+    policy: "Policy", report: "Callable[[str, str, Policy], None]"
+) -> "Callable[[str, Tuple[Any, ...]], None]":
+    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored)."""
+    # Two functions: ``audit_hook`` sees every audit event of the interpreter (every ``open``,
+    # every import), so it does one set lookup and carries two defaults; ``judge`` runs for the
+    # few events that matter.
+
+    def judge(
+        event: str,
+        args: "Tuple[Any, ...]",
+        _connect=CONNECT_EVENTS,
+        _names=NAME_EVENTS,
+        _reverse=REVERSE_EVENTS,
+        _tamper=TAMPER_EVENTS,
+        _env=ENV_EVENTS,
+        _exact=_exact_str,
+        _families=ALLOWED_FAMILIES,
+        _inet=(AF_INET, AF_INET6),
+        _raw=(SOCK_RAW, SOCK_PACKET),
+        _policy=policy,
+        _report=report,
+        _parts=_address_parts,
+        _dest=decide_destination,
+        _name=decide_name,
+        _rev=decide_reverse,
+        _display=_display,
+        _format=format_destination,
+        _message=blocked_message,
+        _error=NetworkBlockedError,
+        _permission=PermissionError,
+        _base=BaseException,
+        _protected=(),
+    ) -> None:
+        target = None
+        if event in _connect:
+            parts = _parts(args[1])
+            if parts is None or _dest(parts[0], parts[1], _policy):
+                return
+            target = _format(_display(parts[0]), None if parts[1] is None else _display(parts[1]))
+        elif event in _names:
+            if _name(args[0], _policy):
+                return
+            port = args[1] if event == "socket.getaddrinfo" else None
+            target = _format(_display(args[0]), None if port is None else _display(port))
+        elif event in _reverse:
+            host = args[0]
+            if event == "socket.getnameinfo":
+                parts = _parts(host)
+                host = None if parts is None else parts[0]
+            if host is not None and _rev(host, _policy):
+                return
+            target = "reverse lookup of " + _display(host)
+        elif event == "socket.__new__":
+            family, kind = args[1], args[2]
+            if family in _families and not (family in _inet and kind & 15 in _raw):
+                return
+            target = "a raw or non-IP socket (family %d, type %d)" % (family, kind)
+        elif event in _tamper:
+            for item in _protected:
+                if item is args[0]:
+                    raise _permission("AgenShield: the network guard cannot be modified")
+            return
+        elif event in _env:
+            name = _exact(args[0])
+            if name is not None and name.startswith("AGENSHIELD_"):
+                raise _permission(
+                    "AgenShield: %s cannot be changed inside a guarded interpreter" % (_display(name),)
+                )
+            return
+        else:
+            return
+        message = _message(target, _policy[3])
+        if _policy[4] is not None:
+            message = "AgenShield: network blocked (%s): %s refused" % (_policy[4], target)
+        try:
+            _report(event, target, _policy)
+        except _base:
+            pass
+        raise _error(message, target, _policy[3])
+
+    def audit_hook(event: str, args: "Tuple[Any, ...]", _watched=WATCHED_EVENTS, _judge=judge) -> None:
+        if event in _watched:
+            _judge(event, args)
+
+    protected = (audit_hook, judge) + PROTECTED_HELPERS
+    judge.__defaults__ = (judge.__defaults__ or ())[:-1] + (protected,)
+    return audit_hook
+
+
+PROTECTED_HELPERS = (
+    _parse_v4,
+    _parse_v6,
+    _canon_text,
+    _exact_str,
+    canonical_host,
+    _exact_port,
+    _display,
+    _resolves_to,
+    decide_destination,
+    decide_name,
+    decide_reverse,
+    _address_parts,
+    format_destination,
+    blocked_message,
+)
+
+
+def seal(hook: "Callable[..., None]") -> "Callable[[str, Tuple[Any, ...]], None]":
+    """What to register: the function's ``__call__`` method-wrapper, not the function."""
+    # CPython runs audit hooks with tracing off unless the hook has a true ``__cantrace__``
+    # attribute, and it looks that attribute up on the object registered. A function's
+    # ``__dict__`` takes any attribute, so anyone could plant ``__cantrace__`` and have a tracer
+    # jump over the ``raise``. A method-wrapper has no ``__dict__`` and does not forward
+    # attribute lookups to the function it wraps, so nothing can be planted, on every CPython we
+    # support; and its attribute lookup is the generic one (no AttributeError raised per event,
+    # which ``types.MethodType`` would cost). Measured: no slower per event than the function.
+    return hook.__call__  # type: ignore[operator]
+
+
+# -- installed state --------------------------------------------------------------------------
+
+_active: "Optional[Policy]" = None
+_installs = 0  # how many hooks this interpreter got from us: the boot's idempotence is tested on it
+
+
+def install(policy: "Policy", report: "Callable[[str, str, Policy], None]") -> None:
+    """Add the audit hook for this policy (there is no way to take it back)."""
+    global _active, _installs
+    sys.addaudithook(seal(make_hook(policy, report)))
+    _active = policy
+    _installs += 1
+
+
+def active_policy() -> "Optional[Policy]":
+    return _active
+
+
+# == boot =======================================================================================
 
 _booted = False
 _config_object = None  # the parsed Config when AGENSHIELD_* variables were set at boot
@@ -58,8 +575,6 @@ def boot() -> None:
     if _booted:
         return
     _booted = True
-    from . import _guard
-
     environ = os.environ
     lock = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agenshield_shim.lock")
     locked = os.path.exists(lock)
@@ -70,7 +585,7 @@ def boot() -> None:
             config = _config.load(environ, lock if locked else None)
         except (_config.ShimConfigError, OSError) as exc:
             reason = "invalid configuration: %s" % (exc,)
-            _guard.install(_guard.block_all_policy("(unknown: configuration invalid)", reason), _report)
+            install(block_all_policy("(unknown: configuration invalid)", reason), _report)
             sys.stderr.write("agenshield-shim: %s; all network access is blocked until it is fixed\n" % (exc,))
             return
         if not config.enabled:  # only reached when boot() is called directly: the .pth checks first
@@ -79,35 +594,28 @@ def boot() -> None:
             from . import _log
 
             _log.configure(config.log_level, config.audit_log)
-        policy = _guard.policy_from_config(config)
+        policy = policy_from_config(config)
         global _config_object
         _config_object = config
     else:
-        policy = _guard.policy_for("localhost", 6969)
-    _guard.install(policy, _report)
+        policy = policy_for("localhost", 6969)
+    install(policy, _report)
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
 
 
 def active_config() -> "Optional[Config]":
-    """The configuration this interpreter booted with, for the library hooks; None if not booted.
-
-    Parsed here only when a hook asks for it and no variable was set (the boot skips the
-    parser then): the defaults.
-    """
+    """The configuration this interpreter booted with, for the library hooks; None if not booted."""
+    # Parsed here only when a hook asks for it and no variable was set (the boot skips the
+    # parser then): the defaults.
     global _config_object
-    if not _booted or _guard_installed() is None:
+    if not _booted or _active is None:
         return None
     if _config_object is None:
         from ._config import Config
 
         _config_object = Config()
     return _config_object
-
-
-def _guard_installed() -> "Optional[object]":
-    guard = sys.modules.get("agenshield_shim._guard")
-    return None if guard is None else guard.active_policy()
 
 
 def _report(event: str, target: str, policy: object) -> None:
@@ -117,8 +625,8 @@ def _report(event: str, target: str, policy: object) -> None:
     report_block(event, target, policy)
 
 
-# -- post-import hooks ------------------------------------------------------------------------
-# Post-import hooks: run a function when a module is imported, whatever the import order.
+# == post-import hooks ============================================================================
+# Run a function when a module is imported, whatever the import order.
 #
 # The semantics are wrapt's ``when_imported``: if the module is already imported
 # the hook runs at once, otherwise right after the module's code has run. Each
@@ -146,79 +654,13 @@ def when_imported(name: str, hook: "Hook") -> None:
     _hooks.setdefault(name, []).append(hook)
     module = sys.modules.get(name)
     if module is not None:
-        _fire(name, module, [hook])
+        from ._importhooks import fire
+
+        fire(name, module, [hook])
 
 
 def registered() -> "Dict[str, List[Hook]]":
     return {name: list(hooks) for name, hooks in _hooks.items()}
-
-
-def _resolve(hook: "Hook") -> "Callable[[Any], None]":
-    if callable(hook):
-        return hook
-    module_name, _, attr = hook.partition(":")
-    __import__(module_name)
-    return getattr(sys.modules[module_name], attr)  # type: ignore[no-any-return]
-
-
-def _key(hook: "Hook") -> object:
-    """A bound method is a new object at each attribute access: key it by what it binds."""
-    if isinstance(hook, str):
-        return hook
-    bound_to = getattr(hook, "__self__", None)
-    if bound_to is None:
-        return id(hook)
-    return (id(bound_to), getattr(hook, "__name__", None), id(getattr(hook, "__func__", None)))
-
-
-def _fire(name: str, module: "Any", hooks: "Sequence[Hook]") -> None:
-    try:
-        done = module.__dict__.setdefault(_MARK, set())
-    except (AttributeError, TypeError):  # not a real module object: nothing to patch
-        return
-    for hook in hooks:
-        key = _key(hook)
-        if key in done:
-            continue
-        done.add(key)
-        try:
-            _resolve(hook)(module)
-        except Exception:  # a broken hook must not break the import; the guard still holds
-            from ._log import get_logger
-
-            get_logger().exception("post-import hook %r for %s failed", hook, name)
-
-
-class _HookedLoader:
-    """Wraps the real loader to run the hooks after the module's code has run.
-
-    The module keeps the real loader (``__loader__`` and ``__spec__.loader``),
-    so introspection and ``importlib.reload`` see exactly what they would without us.
-    """
-
-    def __init__(self, loader: "Any", name: str) -> None:
-        self._loader = loader
-        self._name = name
-
-    def create_module(self, spec: "Any") -> "Any":
-        create = getattr(self._loader, "create_module", None)
-        return create(spec) if create is not None else None
-
-    def exec_module(self, module: "Any") -> None:
-        try:
-            module.__loader__ = self._loader
-        except AttributeError:
-            pass
-        spec = getattr(module, "__spec__", None)
-        if spec is not None and spec.loader is self:
-            spec.loader = self._loader
-        self._loader.exec_module(module)
-        # a module may replace itself in sys.modules while it runs
-        final = sys.modules.get(self._name, module)
-        _fire(self._name, final, _hooks.get(self._name, ()))
-
-    def __getattr__(self, name: str) -> "Any":
-        return getattr(self._loader, name)
 
 
 class PostImportFinder:
@@ -243,7 +685,9 @@ class PostImportFinder:
             _searching.discard(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None  # let the import system handle what we cannot wrap
-        spec.loader = _HookedLoader(spec.loader, fullname)
+        from ._importhooks import HookedLoader
+
+        spec.loader = HookedLoader(spec.loader, fullname)
         return spec
 
     def invalidate_caches(self) -> None:

@@ -92,7 +92,7 @@ class Config:
     @property
     def broker(self) -> str:
         """The broker's address as people write it, for messages."""
-        from ._guard import format_destination
+        from ._boot import format_destination
 
         return format_destination(self.broker_host, self.broker_port)
 

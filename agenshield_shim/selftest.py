@@ -90,8 +90,7 @@ class ShimState:
             self.reason = "fail-safe active, every connection is blocked: %s" % failsafe
             return
         boot = sys.modules.get("agenshield_shim._boot")
-        guard = sys.modules.get("agenshield_shim._guard")
-        policy = guard.active_policy() if guard is not None else None
+        policy = boot.active_policy() if boot is not None else None
         if boot is None or policy is None:
             enabled = os.environ.get("AGENSHIELD_ENABLED")
             if enabled is not None and enabled.strip().lower() in ("false", "0", "no", "off"):

@@ -13,7 +13,10 @@ matter are the ratios (of medians, and of lower quartiles, which noise moves les
    file, the floor under the disabled shim.
 2. The audit hook's cost on non-network events, in-process: 100,000 ``open()``
    calls, and importing a large set of standard-library packages in a fresh
-   interpreter (budget: <= 1.05x).
+   interpreter (budget: <= 1.05x). For ``open()``, two floors beside it, in the bare
+   environment: a no-op audit hook written in C (``{}.get``: what CPython's event
+   machinery costs with any hook at all) and a no-op hook written in Python (what
+   calling any Python hook costs; a PEP 578 guard cannot be cheaper).
 """
 
 import argparse
@@ -32,6 +35,8 @@ from _venvs import build_wheel, clean_env, make_venv  # noqa: E402
 OPEN_LOOP = """
 import os, sys, time
 path = sys.argv[1]
+if len(sys.argv) > 2:  # the floors: any audit hook at all, then any audit hook written in Python
+    sys.addaudithook({}.get if sys.argv[2] == "c" else lambda event, args: None)
 t = time.perf_counter()
 for _ in range(100_000):
     open(path, "rb").close()
@@ -91,10 +96,14 @@ def main() -> int:
             for name in order:
                 cmd, env = columns[name]
                 starts[name].append(wall(cmd, env))
-        guard: Dict[str, List[float]] = {k: [] for k in ("open bare", "open shim", "import bare", "import shim")}
+        guard: Dict[str, List[float]] = {
+            k: [] for k in ("open bare", "open shim", "open c-hook", "open py-hook", "import bare", "import shim")
+        }
         for _ in range(max(5, args.runs // 4)):
             guard["open bare"].append(inner([bare, "-c", OPEN_LOOP, str(target)], on))
             guard["open shim"].append(inner([shim, "-c", OPEN_LOOP, str(target)], on))
+            guard["open c-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "c"], on))
+            guard["open py-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "py"], on))
             guard["import bare"].append(inner([bare, "-c", BIG_IMPORT], on))
             guard["import shim"].append(inner([shim, "-c", BIG_IMPORT], on))
     version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
@@ -107,9 +116,14 @@ def main() -> int:
         median, p25 = statistics.median(values), statistics.quantiles(values, n=4)[0]
         print("%-28s %10.2f %7.3fx %10.2f %7.3fx" % (name, median * 1000, median / base, p25 * 1000, p25 / low))
     print("%-28s %10s %8s" % ("guard on other events", "median ms", "ratio"))
-    for what in ("open", "import"):
-        b, s = statistics.median(guard[what + " bare"]), statistics.median(guard[what + " shim"])
-        label = "100,000 open() calls" if what == "open" else "large stdlib import"
+    rows = (
+        ("100,000 open() calls", "open shim", "open bare"),
+        ("  floor: no-op C hook", "open c-hook", "open bare"),
+        ("  floor: no-op Python hook", "open py-hook", "open bare"),
+        ("large stdlib import", "import shim", "import bare"),
+    )
+    for label, column, reference in rows:
+        b, s = statistics.median(guard[reference]), statistics.median(guard[column])
         print("%-28s %10.2f %7.3fx   (bare %.2f ms)" % (label, s * 1000, s / b, b * 1000))
     return 0
 

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agenshield_shim import NetworkBlockedError, _guard
+from agenshield_shim import NetworkBlockedError, _boot
 from agenshield_shim._config import load
 
 
 def make(env: Any = None) -> Tuple[Callable[[str, Tuple[Any, ...]], None], List[Tuple[str, str]]]:
     reports: List[Tuple[str, str]] = []
-    policy = _guard.policy_from_config(load(env or {}))
-    hook = _guard.seal(_guard.make_hook(policy, lambda event, target, policy: reports.append((event, target))))
+    policy = _boot.policy_from_config(load(env or {}))
+    hook = _boot.seal(_boot.make_hook(policy, lambda event, target, policy: reports.append((event, target))))
     return hook, reports
 
 
@@ -147,9 +147,9 @@ def test_dns_rules() -> None:
 
 def test_socket_families() -> None:
     hook, _ = make()
-    for family, kind in [(_guard.AF_INET, 1), (_guard.AF_INET6, 2), (_guard.AF_UNIX, 1), (-1, -1), (_guard.AF_INET, 1 | 0o4000)]:
+    for family, kind in [(_boot.AF_INET, 1), (_boot.AF_INET6, 2), (_boot.AF_UNIX, 1), (-1, -1), (_boot.AF_INET, 1 | 0o4000)]:
         hook("socket.__new__", (object(), family, kind, 0))
-    for family, kind in [(17, 3), (_guard.AF_INET, 3), (_guard.AF_INET6, 3 | 0o2000000), (16, 3), (40, 1)]:
+    for family, kind in [(17, 3), (_boot.AF_INET, 3), (_boot.AF_INET6, 3 | 0o2000000), (16, 3), (40, 1)]:
         with pytest.raises(NetworkBlockedError):
             hook("socket.__new__", (object(), family, kind, 0))
 
@@ -158,7 +158,7 @@ def test_protected_functions_refuse_changes() -> None:
     hook, _ = make()
     raw = hook.__self__  # type: ignore[attr-defined]
     judge = raw.__defaults__[1]
-    for target in (raw, judge) + _guard.PROTECTED_HELPERS:
+    for target in (raw, judge) + _boot.PROTECTED_HELPERS:
         for event in ("object.__setattr__", "object.__delattr__"):
             with pytest.raises(PermissionError):
                 hook(event, (target, "__code__", None))
@@ -174,7 +174,7 @@ def test_shim_variables_are_frozen() -> None:
 
 
 def test_block_all_policy_refuses_the_broker_too() -> None:
-    hook = _guard.seal(_guard.make_hook(_guard.block_all_policy("(unknown)", "invalid configuration: x"), lambda *a: None))
+    hook = _boot.seal(_boot.make_hook(_boot.block_all_policy("(unknown)", "invalid configuration: x"), lambda *a: None))
     with pytest.raises(NetworkBlockedError) as info:
         connect(hook, ("localhost", 6969))
     assert "network blocked (invalid configuration: x)" in str(info.value)
@@ -209,7 +209,7 @@ def _global_loads(function: Any) -> List[str]:
 def test_protected_functions_read_no_globals() -> None:
     hook, _ = make()
     raw = hook.__self__  # type: ignore[attr-defined]
-    for function in (raw, raw.__defaults__[1]) + _guard.PROTECTED_HELPERS:
+    for function in (raw, raw.__defaults__[1]) + _boot.PROTECTED_HELPERS:
         assert _global_loads(function) == [], function.__name__
 
 
@@ -219,17 +219,17 @@ def test_protected_functions_read_no_globals() -> None:
 @settings(max_examples=300)
 @given(st.ip_addresses(v=4))
 def test_ipv4_canonical_form(address: ipaddress.IPv4Address) -> None:
-    assert _guard.canonical_host(str(address)) == str(address)
+    assert _boot.canonical_host(str(address)) == str(address)
     mapped = ipaddress.IPv6Address("::ffff:" + str(address))
-    assert _guard.canonical_host(str(mapped)) == str(address)
-    assert _guard.canonical_host(mapped.exploded) == str(address)
+    assert _boot.canonical_host(str(mapped)) == str(address)
+    assert _boot.canonical_host(mapped.exploded) == str(address)
 
 
 @settings(max_examples=300)
 @given(st.ip_addresses(v=6))
 def test_ipv6_canonical_form(address: ipaddress.IPv6Address) -> None:
-    canon = _guard.canonical_host(str(address))
-    assert canon == _guard.canonical_host(address.exploded) == _guard.canonical_host(address.exploded.upper())
+    canon = _boot.canonical_host(str(address))
+    assert canon == _boot.canonical_host(address.exploded) == _boot.canonical_host(address.exploded.upper())
     if address.ipv4_mapped is None:
         assert canon == "v6:" + ":".join("%x" % int(g, 16) for g in address.exploded.split(":"))
 
@@ -237,8 +237,8 @@ def test_ipv6_canonical_form(address: ipaddress.IPv6Address) -> None:
 @settings(max_examples=500)
 @given(st.text(max_size=40))
 def test_canonical_form_never_claims_loopback_for_something_else(text: str) -> None:
-    canon = _guard.canonical_host(text)
-    if canon in _guard.LOOPBACK_ALIASES:
+    canon = _boot.canonical_host(text)
+    if canon in _boot.LOOPBACK_ALIASES:
         if canon == "name:localhost":
             assert text.lower().rstrip(".") == "localhost" or text.lower() == "[localhost]"
         else:

@@ -14,7 +14,7 @@ def guard_lets_through(host: object, port: object) -> bool:
     that blocks everything (a configuration it cannot trust) lets nothing through, and an address
     the guard cannot read is not direct either.
     """
-    from .._guard import REASON, active_policy, decide_destination
+    from .._boot import REASON, active_policy, decide_destination
 
     policy = active_policy()
     if policy is None or policy[REASON] is not None:
@@ -23,3 +23,24 @@ def guard_lets_through(host: object, port: object) -> bool:
         return bool(decide_destination(host, port, policy))
     except Exception:
         return False
+
+
+def check_destination(host: object, port: object) -> None:
+    """Refuse (host, port) early, with the guard's own decision and message.
+
+    For the library hooks: the audit hook would refuse the connection anyway, but
+    only once the library has resolved the name and tried each address.
+    """
+    from .. import NetworkBlockedError
+    from .._boot import _display, active_policy, blocked_message, decide_destination, format_destination
+    from .._log import report_block
+
+    policy = active_policy()
+    if policy is None or (policy[4] is None and decide_destination(host, port, policy)):
+        return
+    target = format_destination(_display(host), None if port is None else _display(port))
+    report_block("socket.create_connection", target, policy)
+    reason, broker = policy[4], policy[3]
+    if reason is not None:
+        raise NetworkBlockedError("AgenShield: network blocked (%s): %s refused" % (reason, target), target, broker)
+    raise NetworkBlockedError(blocked_message(target, broker), target, broker)

@@ -12,7 +12,7 @@ import functools
 from types import ModuleType
 from typing import Any
 
-from .._guard import check_destination
+from . import check_destination
 
 TARGET = "socket"
 

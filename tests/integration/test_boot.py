@@ -51,7 +51,9 @@ def test_enabled_boot_imports_no_socket_asyncio_or_wrapt(shim: ShimEnv) -> None:
     code = "import sys, json; print(json.dumps(sorted(sys.modules)))"
     modules = set(json.loads(shim.run(code).stdout))
     assert not modules & {"socket", "_socket", "asyncio", "wrapt", "logging", "ssl", "selectors"}, modules
-    assert "agenshield_shim._guard" in modules
+    assert "agenshield_shim._boot" in modules
+    # the boot is one module: each module imported at start costs every process (benchmarks/startup.py)
+    assert sorted(m for m in modules if m.startswith("agenshield_shim")) == ["agenshield_shim", "agenshield_shim._boot"]
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,7 @@ def _site_packages_boot(env: ShimEnv) -> Path:
     return env.site_packages / "agenshield_shim" / "_boot.py"
 
 
-@pytest.mark.parametrize("breakage", ["boot raises", "package missing", "boot has a syntax error"])
+@pytest.mark.parametrize("breakage", ["boot raises", "boot() raises", "package missing", "boot has a syntax error"])
 def test_broken_install_fails_closed_and_can_be_uninstalled(
     fresh_shim: ShimEnv, tcp_listener: Listener, breakage: str
 ) -> None:
@@ -99,6 +101,8 @@ def test_broken_install_fails_closed_and_can_be_uninstalled(
     shutil.rmtree(boot.parent / "__pycache__", ignore_errors=True)
     if breakage == "boot raises":
         boot.write_text("raise RuntimeError('broken on purpose')\n")
+    elif breakage == "boot() raises":
+        boot.write_text("def boot():\n    raise RuntimeError('broken on purpose')\n")
     elif breakage == "boot has a syntax error":
         boot.write_text("def boot(:\n")
     else:
@@ -111,6 +115,10 @@ def test_broken_install_fails_closed_and_can_be_uninstalled(
     # DNS is refused as well
     dns = fresh_shim.run("import socket\ntry:\n socket.getaddrinfo('agenshield-test.invalid', 80)\nexcept OSError as e: print(type(e).__name__)")
     assert dns.stdout.strip() == "ConnectionRefusedError"
+    # the .pth put site-packages first on sys.path to import the boot; it is gone again
+    path = fresh_shim.run("import sys; print(sys.path.count(sys.argv[1]), sys.path.index(sys.argv[1]) > 0)",
+                          str(fresh_shim.site_packages))
+    assert path.stdout.split() == ["1", "True"], path.stdout + path.stderr
     # explicit opt-out still works, and pip can repair or remove the package
     off = fresh_shim.run(CONNECT, tcp_listener.host, str(tcp_listener.port), env={"AGENSHIELD_ENABLED": "false"})
     assert off.stdout.strip() == "CONNECTED"
@@ -129,10 +137,10 @@ def test_boot_is_idempotent(shim: ShimEnv) -> None:
     code = textwrap.dedent(
         """
         import site, sys
-        from agenshield_shim import _guard, _boot as _importhooks
+        from agenshield_shim import _boot
         site.addsitedir(sys.argv[1])  # runs every .pth line of site-packages again
         site.addsitedir(sys.argv[1])
-        print(_guard._installs, sum(isinstance(f, _importhooks.PostImportFinder) for f in sys.meta_path))
+        print(_boot._installs, sum(isinstance(f, _boot.PostImportFinder) for f in sys.meta_path))
         """
     )
     result = shim.run(code, str(shim.site_packages))

@@ -153,14 +153,14 @@ TCP_PATHS = {
     """,
     "helper __code__ replaced": """
         import socket
-        from agenshield_shim import _guard
+        from agenshield_shim import _boot
         try:
-            _guard.decide_destination.__code__ = (lambda *a: True).__code__
+            _boot.decide_destination.__code__ = (lambda *a: True).__code__
             print("REPLACED")
         except Exception as e:
             print("REFUSED", type(e).__name__, e)
-        _guard.decide_destination = lambda *a, **k: True
-        _guard.canonical_host = lambda *a, **k: "127.0.0.1"
+        _boot.decide_destination = lambda *a, **k: True
+        _boot.canonical_host = lambda *a, **k: "127.0.0.1"
         import builtins; builtins.len = lambda x: 0
         try:
             socket.socket().connect((HOST, PORT)); print("CONNECTED")
