@@ -21,6 +21,9 @@ from ._rpc import RpcProtocolError, RpcResponse
 #: Largest request head accepted from the library (http.client itself allows 100 header lines).
 MAX_HEAD = 256 * 1024
 TUNNEL_ONLY_HINT = "set AGENSHIELD_TRANSPORT=tunnel (the default transport) for this"
+#: The interim answer a virtual connection gives itself when a request's head asks for it
+#: (``RequestAssembler.take_continue``): the broker only ever sees whole requests.
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: Hop-by-hop and framing headers: they describe the virtual connection, not the request. The
 #: broker frames the buffered body itself (``_rpc.build_params`` adds ``Content-Length``).

@@ -25,7 +25,15 @@ from .._rpc import (
     capabilities_async,
     http_request_async,
 )
-from .._wire import TUNNEL_ONLY_HINT, RequestAssembler, WireError, WireRequest, origin_authority, response_bytes
+from .._wire import (
+    CONTINUE_RESPONSE,
+    TUNNEL_ONLY_HINT,
+    RequestAssembler,
+    WireError,
+    WireRequest,
+    origin_authority,
+    response_bytes,
+)
 from .._wire import TunnelOnlyError as _WireTunnelOnly
 from . import guard_lets_through
 
@@ -34,7 +42,6 @@ from . import guard_lets_through
 #: How much of an answer reaches aiohttp's parser per ``data_received`` (aiohttp's own read size),
 #: so its flow control (``pause_reading`` on a full buffer) works as on a socket.
 _FEED_SIZE = 1 << 16
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def install(module: ModuleType, config: Config) -> Optional[type]:
@@ -209,7 +216,7 @@ class _RpcTransport(asyncio.Transport):
         if self._assembler.take_continue():
             # expect100=True: aiohttp sent the head alone and waits for "100 Continue" before the
             # body; the broker gets the request whole, so nobody else would answer
-            self._inbox.append(memoryview(_CONTINUE))
+            self._inbox.append(memoryview(CONTINUE_RESPONSE))
             self._schedule_feed()
         request = self._assembler.pop()
         if request is None:

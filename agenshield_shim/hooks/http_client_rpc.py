@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
     from typing import Any, List, Optional, Tuple
 
-_idle_lock = threading.Lock()
+_pairs_lock = threading.Lock()
 _idle_pair: Optional[Tuple[socket.socket, socket.socket]] = None
+_ready_pair: Optional[Tuple[socket.socket, socket.socket]] = None
 
 
 def _idle_fileno() -> int:
@@ -57,10 +58,25 @@ def _idle_fileno() -> int:
     written to (one pair per process, never closed).
     """
     global _idle_pair
-    with _idle_lock:
+    with _pairs_lock:
         if _idle_pair is None:
             _idle_pair = socket.socketpair()
         return _idle_pair[0].fileno()
+
+
+def _ready_fileno() -> int:
+    """A descriptor that is always readable: a virtual socket that owes a ``100 Continue``.
+
+    botocore sends ``Expect: 100-continue`` and waits up to a second for the socket to become
+    readable before it sends the body; with the answer due from us, not from a server, the
+    socket reports one end of a pair whose other end wrote one byte that nobody reads.
+    """
+    global _ready_pair
+    with _pairs_lock:
+        if _ready_pair is None:
+            _ready_pair = socket.socketpair()
+            _ready_pair[1].send(b"!")
+        return _ready_pair[0].fileno()
 
 
 def _seconds(timeout: Any) -> Optional[float]:
@@ -140,6 +156,7 @@ class VirtualSocket:
         self._assembler = _wire.RequestAssembler()
         self._waiting: List[_wire.WireRequest] = []  # complete, not yet sent (urllib3: sent on read)
         self._answers: List[Tuple[bytes, bytes]] = []  # sent, answer not yet read
+        self._continue = False  # the request written so far asked for "100 Continue" before its body
         self._closed = False
 
     # -- what the library writes --------------------------------------------------------------
@@ -155,10 +172,13 @@ class VirtualSocket:
             raise self._plan.error(_rpc.RpcError(
                 "AgenShield: the rpc transport cannot carry this request to %s: %s" % (self._plan.destination, exc),
                 None, None, self._plan.broker), self._plan.destination) from exc
+        if self._assembler.take_continue():
+            self._continue = True
         while True:
             request = self._assembler.pop()
             if request is None:
                 break
+            self._continue = False  # the body came without waiting: no interim answer is due
             if self._plan.eager:
                 self._answers.append(self._exchange(request))
             else:
@@ -172,6 +192,9 @@ class VirtualSocket:
 
     def makefile(self, mode: str = "rb", buffering: Any = None, **kwargs: Any) -> io.BufferedReader:
         """The next response, as http.client's ``HTTPResponse`` reads it (one call per response)."""
+        if self._continue:
+            self._continue = False
+            return io.BufferedReader(io.BytesIO(_wire.CONTINUE_RESPONSE))
         if self._answers:
             head, body = self._answers.pop(0)
         elif self._waiting:
@@ -214,7 +237,7 @@ class VirtualSocket:
     def fileno(self) -> int:
         if self._closed:
             return -1
-        return _idle_fileno()
+        return _ready_fileno() if self._continue else _idle_fileno()
 
     def shutdown(self, how: int) -> None:
         pass
