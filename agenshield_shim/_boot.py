@@ -35,7 +35,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, Union
+    from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
     from ._config import Config
 
@@ -54,8 +54,13 @@ def format_destination(host: str, port: "Optional[object]") -> str:
     return host if port is None else "%s:%s" % (host, port)
 
 
-def blocked_message(destination: str, broker: str) -> str:
-    """The one wording users see, from the guard and from every hook."""
+def blocked_message(destination: str, broker: str, reason: "Optional[str]" = None) -> str:
+    """The one wording users see, from the guard and from every hook.
+
+    ``reason`` is the policy's: set when everything is blocked because the shim could not start.
+    """
+    if reason is not None:
+        return "AgenShield: network blocked (%s): %s refused" % (reason, destination)
     return "AgenShield: direct connection to %s blocked; use the broker at %s" % (destination, broker)
 
 
@@ -477,9 +482,7 @@ def make_hook(
             return
         else:
             return
-        message = _message(target, _policy[3])
-        if _policy[4] is not None:
-            message = "AgenShield: network blocked (%s): %s refused" % (_policy[4], target)
+        message = _message(target, _policy[3], _policy[4])
         try:
             _report(event, target, _policy)
         except _base:

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import venv
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -40,4 +39,19 @@ def make_venv(python: str, target: Path, wheel: Optional[Path] = None, *packages
             [exe, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
             check=True, env=clean_env(AGENSHIELD_ENABLED="false"),
         )
+    return exe
+
+
+def site_packages(python: str) -> Path:
+    """The environment's site-packages, where the wheel put ``agenshield_shim.pth``."""
+    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, env=clean_env(AGENSHIELD_ENABLED="false"))
+    return Path(out.stdout.strip())
+
+
+def make_floor_venv(python: str, target: Path) -> str:
+    """A bare environment plus one ``.pth`` holding only ``import os, sys``: what ``site`` charges
+    for any ``.pth`` file, the floor under the shim's own."""
+    exe = make_venv(python, target)
+    (site_packages(exe) / "floor.pth").write_text("import os, sys\n")
     return exe

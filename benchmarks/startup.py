@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import build_wheel, clean_env, make_venv  # noqa: E402
+from _venvs import build_wheel, clean_env, make_floor_venv, make_venv  # noqa: E402
 
 OPEN_LOOP = """
 import os, sys, time
@@ -73,10 +73,7 @@ def main() -> int:
         wheel = build_wheel(tmp / "wheel")
         bare = make_venv(args.python, tmp / "bare")
         shim = make_venv(args.python, tmp / "shim", wheel)
-        floor = make_venv(args.python, tmp / "floor")
-        site_packages = subprocess.run([floor, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                       capture_output=True, text=True, check=True).stdout.strip()
-        Path(site_packages, "floor.pth").write_text("import os, sys\n")
+        floor = make_floor_venv(args.python, tmp / "floor")
         target = tmp / "file.bin"
         target.write_bytes(b"x")
         on, off = clean_env(), clean_env(AGENSHIELD_ENABLED="false")

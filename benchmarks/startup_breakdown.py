@@ -20,7 +20,6 @@ first; each adds one step to the one before:
 
 import argparse
 import importlib.util
-import os
 import random
 import shutil
 import statistics
@@ -31,18 +30,12 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import ROOT, build_wheel, clean_env, make_venv  # noqa: E402
+from _venvs import ROOT, build_wheel, clean_env, make_floor_venv, make_venv, site_packages  # noqa: E402
 
 PROBE = "import time; print(time.process_time())"
 
 
-def site_packages(python: str) -> Path:
-    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True, env=clean_env(AGENSHIELD_ENABLED="false"))
-    return Path(out.stdout.strip())
-
-
-def variant(shim: Path, target: Path, python: str) -> Tuple[str, Path]:
+def variant(shim: Path, target: Path) -> Tuple[str, Path]:
     """A copy of the shim's environment (venvs run from a copy: pyvenv.cfg holds no own path)."""
     shutil.copytree(shim, target, symlinks=True)
     exe = str(target / "bin" / "python")
@@ -70,22 +63,20 @@ def main() -> int:
         shim = make_venv(args.python, tmp / "shim", wheel)
         columns: Dict[str, str] = {"bare": bare}
 
-        floor = make_venv(args.python, tmp / "floor")
-        (site_packages(floor) / "floor.pth").write_text("import os, sys\n")
-        columns["any .pth"] = floor
+        columns["any .pth"] = make_floor_venv(args.python, tmp / "floor")
 
-        exe, sp = variant(tmp / "shim", tmp / "line", args.python)
+        exe, sp = variant(tmp / "shim", tmp / "line")
         line = make_pth.LINE[: make_pth.LINE.index(" or exec(")]
         (sp / "agenshield_shim.pth").write_text(make_pth.HEADER + line + "\n")
         columns["our .pth line"] = exe
 
-        exe, sp = variant(tmp / "shim", tmp / "empty", args.python)
+        exe, sp = variant(tmp / "shim", tmp / "empty")
         (sp / "agenshield_shim" / "__init__.py").write_text("")
         (sp / "agenshield_shim" / "_boot.py").write_text("def boot():\n    pass\n")
         compile_package(exe, sp / "agenshield_shim")
         columns["+ empty modules"] = exe
 
-        exe, sp = variant(tmp / "shim", tmp / "loaded", args.python)
+        exe, sp = variant(tmp / "shim", tmp / "loaded")
         boot = sp / "agenshield_shim" / "_boot.py"
         text = boot.read_text()
         marker = "    _booted = True\n"

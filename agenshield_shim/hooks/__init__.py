@@ -36,11 +36,11 @@ def check_destination(host: object, port: object) -> None:
     from .._log import report_block
 
     policy = active_policy()
-    if policy is None or (policy[4] is None and decide_destination(host, port, policy)):
+    if policy is None:
+        return
+    _, _, _, broker, reason = policy
+    if reason is None and decide_destination(host, port, policy):
         return
     target = format_destination(_display(host), None if port is None else _display(port))
     report_block("socket.create_connection", target, policy)
-    reason, broker = policy[4], policy[3]
-    if reason is not None:
-        raise NetworkBlockedError("AgenShield: network blocked (%s): %s refused" % (reason, target), target, broker)
-    raise NetworkBlockedError(blocked_message(target, broker), target, broker)
+    raise NetworkBlockedError(blocked_message(target, broker, reason), target, broker)

@@ -43,40 +43,28 @@ from .http_client import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
-    from typing import Any, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Tuple
 
 _pairs_lock = threading.Lock()
-_idle_pair: Optional[Tuple[socket.socket, socket.socket]] = None
-_ready_pair: Optional[Tuple[socket.socket, socket.socket]] = None
+_pairs: "Dict[bool, Tuple[socket.socket, socket.socket]]" = {}
 
 
-def _idle_fileno() -> int:
-    """A descriptor that never becomes readable, for ``select``/``poll`` liveness checks.
+def _pair_fileno(readable: bool) -> int:
+    """A descriptor for ``select``/``poll``: never readable, or always readable.
 
-    urllib3 decides whether a pooled connection was dropped by polling its socket; a virtual
-    connection never is, so every virtual socket reports one end of a socket pair that is never
-    written to (one pair per process, never closed).
+    A virtual socket has no descriptor of its own, so it reports one end of a socket pair (one
+    pair of each kind per process, never closed). Never readable: urllib3 polls a pooled
+    connection to see whether it was dropped, and a virtual one never is. Always readable (the
+    other end wrote one byte that nobody reads): the virtual socket owes a ``100 Continue``, which
+    botocore waits up to a second to see before it sends the body.
     """
-    global _idle_pair
     with _pairs_lock:
-        if _idle_pair is None:
-            _idle_pair = socket.socketpair()
-        return _idle_pair[0].fileno()
-
-
-def _ready_fileno() -> int:
-    """A descriptor that is always readable: a virtual socket that owes a ``100 Continue``.
-
-    botocore sends ``Expect: 100-continue`` and waits up to a second for the socket to become
-    readable before it sends the body; with the answer due from us, not from a server, the
-    socket reports one end of a pair whose other end wrote one byte that nobody reads.
-    """
-    global _ready_pair
-    with _pairs_lock:
-        if _ready_pair is None:
-            _ready_pair = socket.socketpair()
-            _ready_pair[1].send(b"!")
-        return _ready_pair[0].fileno()
+        pair = _pairs.get(readable)
+        if pair is None:
+            pair = _pairs[readable] = socket.socketpair()
+            if readable:
+                pair[1].send(b"!")
+        return pair[0].fileno()
 
 
 def _seconds(timeout: Any) -> Optional[float]:
@@ -237,7 +225,7 @@ class VirtualSocket:
     def fileno(self) -> int:
         if self._closed:
             return -1
-        return _ready_fileno() if self._continue else _idle_fileno()
+        return _pair_fileno(self._continue)
 
     def shutdown(self, how: int) -> None:
         pass

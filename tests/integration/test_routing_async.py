@@ -731,6 +731,13 @@ def upload_sha(answer: Dict[str, Any]) -> str:
     return answer["sha256"]  # type: ignore[no-any-return]
 
 
+def assert_methods_and_query(results: Dict[str, Any], name: str) -> None:
+    """A suite's ``methods`` check: every method answered 200, echoed with its query string intact."""
+    for method, (status, echo) in value(results, name).items():
+        assert status == 200 and echo_method(echo) == method
+        assert echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+
+
 def assert_concurrent_answers(results: Dict[str, Any], name: str) -> None:
     """The 200 concurrent requests of a suite's ``concurrent`` check: each answered, each its own."""
     answers = value(results, name)
@@ -761,9 +768,7 @@ def test_aiohttp_broker_saw_the_requests(aiohttp_results: Dict[str, Any], upstre
 
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_aiohttp_methods_and_query(aiohttp_results: Dict[str, Any], tag: str) -> None:
-    for method, (status, echo) in value(aiohttp_results, tag + "methods").items():
-        assert status == 200 and echo_method(echo) == method
-        assert echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+    assert_methods_and_query(aiohttp_results, tag + "methods")
 
 
 @pytest.mark.parametrize("tag", SCHEMES)
@@ -865,9 +870,7 @@ def test_httpx_broker_saw_the_requests(httpx_results: Dict[str, Any], upstream: 
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)
 def test_httpx_methods_and_query(httpx_results: Dict[str, Any], tag: str) -> None:
-    for method, (status, echo) in value(httpx_results, tag + "methods").items():
-        assert status == 200 and echo_method(echo) == method
-        assert echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+    assert_methods_and_query(httpx_results, tag + "methods")
 
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)

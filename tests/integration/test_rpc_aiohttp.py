@@ -18,7 +18,6 @@ import pytest
 
 from .conftest import ShimEnv
 from .test_routing_async import (
-    assert_concurrent_answers,
     AIOHTTP_SUITE,
     ENV_PROXY_SUITE,
     MAIN,
@@ -26,11 +25,12 @@ from .test_routing_async import (
     PRELUDE,
     SCHEMES,
     SMOKE_SUITE,
+    assert_concurrent_answers,
+    assert_methods_and_query,
     assert_refusal,
     cookies_seen,
     echo_body,
     echo_header,
-    echo_method,
     echo_query,
     error,
     run_suite,
@@ -301,9 +301,7 @@ def test_broker_audited_one_call_per_request(suite: Suite, upstream: Any) -> Non
 
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_methods_and_query(suite: Suite, tag: str) -> None:
-    for method, (status, echo) in value(suite.results, tag + "methods").items():
-        assert status == 200 and echo_method(echo) == method
-        assert echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+    assert_methods_and_query(suite.results, tag + "methods")
 
 
 @pytest.mark.parametrize("tag", SCHEMES)

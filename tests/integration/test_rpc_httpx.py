@@ -20,7 +20,6 @@ import pytest
 
 from .conftest import ShimEnv
 from .test_routing_async import (
-    assert_concurrent_answers,
     BROKER_TROUBLE_SUITE,
     HTTPX_MODES,
     HTTPX_SUITE,
@@ -29,11 +28,12 @@ from .test_routing_async import (
     PRELUDE,
     SCHEMES,
     SMOKE_SUITE,
+    assert_concurrent_answers,
+    assert_methods_and_query,
     assert_refusal,
     cookies_seen,
     echo_body,
     echo_header,
-    echo_method,
     echo_query,
     error,
     run_suite,
@@ -284,9 +284,7 @@ def test_rpc_upstream_peer_is_the_broker(extra_results: Dict[str, Any], rpc_brok
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)
 def test_rpc_methods_and_query(rpc_results: Dict[str, Any], tag: str) -> None:
-    for method, (status, echo) in value(rpc_results, tag + "methods").items():
-        assert status == 200 and echo_method(echo) == method
-        assert echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+    assert_methods_and_query(rpc_results, tag + "methods")
 
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)
@@ -572,8 +570,7 @@ def test_rpc_error_mapping_table(rpc_main_env: ShimEnv, rpc_broker: Any) -> None
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)
 def test_compat_text_requests_work(compat_results: Dict[str, Any], tag: str) -> None:
-    for method, (status, echo) in value(compat_results, tag + "methods").items():
-        assert status == 200 and echo_method(echo) == method and echo_query(echo) == {"a": ["1"], "b": ["x y"]}
+    assert_methods_and_query(compat_results, tag + "methods")
     assert json.loads(echo_body(value(compat_results, tag + "json"))) == {"k": [1, "\u00e9"]}
     status, url, hops = value(compat_results, tag + "redirects")
     assert status == 200 and url.endswith("/echo") and hops == 3

@@ -15,6 +15,7 @@ from typing import Dict
 import pytest
 
 from .conftest import BrokerHandle, Listener, ShimEnv
+from .test_routing_sync import SMOKE as ROUTING_SMOKE
 from .test_routing_sync import (
     APP_PROXY,
     EPILOGUE,
@@ -323,18 +324,9 @@ print("done")
     assert len(calls) == 4 and all(e["channel"] == "socket" for e in calls), calls
 
 
-SMOKE = r'''
-import socket, ssl, urllib.request, urllib.error
-import requests
-
-@check
-def requests_and_urllib():
-    s = requests.Session()
-    for i in range(3):
-        expect(s.get(BASE + "/echo", params={"tag": TAG}, verify=CA).json()["method"] == "GET", i)
-    expect(s.get(BASE + "/whoami", verify=CA).json()["pid"] in (BROKER_PID, None), "whoami")
-    r = urllib.request.urlopen(BASE + "/bytes/100000", context=ssl.create_default_context(cafile=CA))
-    expect(sha(r.read()) == sha(payload(100000)), "download")
+# the tunnel's smoke checks (requests and urllib.request over HTTPS), and rpc's timeouts
+SMOKE = ROUTING_SMOKE + r'''
+import socket
 
 @check
 def timeouts_are_socket_timeouts():
