@@ -32,6 +32,7 @@ import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import NetworkBlockedError
+from ._broker_client import connect_unix
 from ._config import Config
 
 RPC_PATH = "/rpc"
@@ -561,14 +562,7 @@ def _connect_sync(config: Config, timeout: float, url: Optional[str]) -> Any:
 
     try:
         if config.broker_socket:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(config.broker_socket)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+            return connect_unix(config.broker_socket, timeout)
         return socket.create_connection((config.broker_host, config.broker_port), timeout)
     except socket.timeout:
         raise _unavailable(config, url, "connect timed out after %.3g s" % timeout, RpcBrokerConnectTimeout) from None

@@ -13,10 +13,14 @@ matter are the ratios (of medians, and of lower quartiles, which noise moves les
    file, the floor under the disabled shim.
 2. The audit hook's cost on non-network events, in-process: 100,000 ``open()``
    calls, and importing a large set of standard-library packages in a fresh
-   interpreter (budget: <= 1.05x). For ``open()``, two floors beside it, in the bare
+   interpreter (budget: <= 1.05x). For ``open()``, three floors beside it, in the bare
    environment: a no-op audit hook written in C (``{}.get``: what CPython's event
-   machinery costs with any hook at all) and a no-op hook written in Python (what
-   calling any Python hook costs; a PEP 578 guard cannot be cheaper).
+   machinery costs with any hook at all), a no-op hook written in Python (what
+   calling any Python hook costs; a PEP 578 guard cannot be cheaper), and that no-op
+   hook registered as its ``__call__`` method-wrapper, as the shim registers its own
+   (what a Python hook costs that nobody can switch tracing on in; see ``_boot.seal``).
+   The large import gets the C and the sealed floors too: on 3.8 every code object
+   unmarshalled raises a ``code.__new__`` event (6,000 of them here).
 """
 
 import argparse
@@ -35,8 +39,9 @@ from _venvs import build_wheel, clean_env, make_floor_venv, make_venv  # noqa: E
 OPEN_LOOP = """
 import os, sys, time
 path = sys.argv[1]
-if len(sys.argv) > 2:  # the floors: any audit hook at all, then any audit hook written in Python
-    sys.addaudithook({}.get if sys.argv[2] == "c" else lambda event, args: None)
+if len(sys.argv) > 2:  # the floors: any audit hook; any written in Python; that one sealed
+    noop = lambda event, args: None
+    sys.addaudithook({"c": {}.get, "py": noop, "sealed": noop.__call__}[sys.argv[2]])
 t = time.perf_counter()
 for _ in range(100_000):
     open(path, "rb").close()
@@ -44,7 +49,10 @@ print(time.perf_counter() - t)
 """
 
 BIG_IMPORT = """
-import time
+import sys, time
+if len(sys.argv) > 1:  # the floors, as for open()
+    noop = lambda event, args: None
+    sys.addaudithook({"c": {}.get, "sealed": noop.__call__}[sys.argv[1]])
 t = time.perf_counter()
 import asyncio, email.mime.multipart, http.client, json, decimal, unittest, xml.etree.ElementTree, logging.handlers
 import urllib.request, concurrent.futures, sqlite3, argparse, tarfile, zipfile, csv, difflib, pydoc
@@ -94,15 +102,19 @@ def main() -> int:
                 cmd, env = columns[name]
                 starts[name].append(wall(cmd, env))
         guard: Dict[str, List[float]] = {
-            k: [] for k in ("open bare", "open shim", "open c-hook", "open py-hook", "import bare", "import shim")
+            k: [] for k in ("open bare", "open shim", "open c-hook", "open py-hook", "open sealed-hook",
+                            "import bare", "import shim", "import c-hook", "import sealed-hook")
         }
         for _ in range(max(5, args.runs // 4)):
             guard["open bare"].append(inner([bare, "-c", OPEN_LOOP, str(target)], on))
             guard["open shim"].append(inner([shim, "-c", OPEN_LOOP, str(target)], on))
             guard["open c-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "c"], on))
             guard["open py-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "py"], on))
+            guard["open sealed-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "sealed"], on))
             guard["import bare"].append(inner([bare, "-c", BIG_IMPORT], on))
             guard["import shim"].append(inner([shim, "-c", BIG_IMPORT], on))
+            guard["import c-hook"].append(inner([bare, "-c", BIG_IMPORT, "c"], on))
+            guard["import sealed-hook"].append(inner([bare, "-c", BIG_IMPORT, "sealed"], on))
     version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
                              capture_output=True, text=True).stdout.strip()
     print("Python %s, %d interleaved runs" % (version, args.runs))
@@ -117,7 +129,10 @@ def main() -> int:
         ("100,000 open() calls", "open shim", "open bare"),
         ("  floor: no-op C hook", "open c-hook", "open bare"),
         ("  floor: no-op Python hook", "open py-hook", "open bare"),
+        ("  floor: the same, sealed", "open sealed-hook", "open bare"),
         ("large stdlib import", "import shim", "import bare"),
+        ("  floor: no-op C hook", "import c-hook", "import bare"),
+        ("  floor: no-op Python, sealed", "import sealed-hook", "import bare"),
     )
     for label, column, reference in rows:
         b, s = statistics.median(guard[reference]), statistics.median(guard[column])

@@ -90,6 +90,26 @@ def test_boot_knows_every_variable() -> None:
 
     assert set(_boot.VARIABLES) == set(_config.VARIABLES)
     assert load({}).broker == "localhost:6969"  # the defaults the boot uses when nothing is set
+    assert _boot.DEFAULT_POLICY == _boot.policy_for("localhost", 6969) == _boot.policy_from_config(load({}))
+
+
+@pytest.mark.parametrize("name", _config.VARIABLES)
+def test_boot_sees_any_variable_set(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The boot's quick look (os.environ's own store) and the plain mapping one agree."""
+    import os
+
+    from agenshield_shim import _boot
+
+    for other in _config.VARIABLES:
+        monkeypatch.delenv(other, raising=False)
+    assert not _boot.any_variable_set(os.environ)
+    assert not _boot.any_variable_set(dict(os.environ))
+    monkeypatch.setenv(name, "")  # set, even when empty: the parser then says what is wrong
+    assert _boot.any_variable_set(os.environ)
+    assert _boot.any_variable_set(dict(os.environ))
+    monkeypatch.setenv("AGENSHIELD_OTHER", "1")
+    monkeypatch.delenv(name)
+    assert not _boot.any_variable_set(os.environ)  # only the shim's own names count
 
 
 def test_lock_file_replaces_the_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit  # http.client has imported it already
 
 from .. import NetworkBlockedError
 from .._boot import active_config
+from .._broker_client import connect_unix
 from . import guard_lets_through
 
 TYPE_CHECKING = False
@@ -429,18 +430,11 @@ class _UnixSocket(socket.socket):
 
 def _connect_broker(config: "Config", timeout: Any, source_address: Any, options: Any) -> socket.socket:
     """A socket connected to the broker, with the caller's connect timeout and socket options."""
-    if config.broker_socket:
-        sock: socket.socket = _UnixSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if timeout is None or isinstance(timeout, (int, float)):
-                sock.settimeout(timeout)
-            sock.connect(config.broker_socket)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
     if timeout is not None and not isinstance(timeout, (int, float)):
-        timeout = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]  # a library's "default" sentinel
+        timeout = socket.getdefaulttimeout()  # a library's "default" sentinel: what a new socket gets
+    if config.broker_socket:
+        sock: socket.socket = connect_unix(config.broker_socket, timeout, _UnixSocket)
+        return sock
     sock = socket.create_connection((config.broker_host, config.broker_port), timeout, source_address or None)
     for option in options:
         try:
