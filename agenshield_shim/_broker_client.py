@@ -8,7 +8,7 @@ asyncio streams), which the guard lets through because the destination is the br
 """
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # pragma: no cover - the http.client hook loads this module; typing costs 3.3-4.3 ms
+if TYPE_CHECKING:  # pragma: no cover - hooks load this module, and typing costs 3.3-4.3 ms
     from typing import Any, Optional
 
 #: The bodies of the broker's forward-proxy refusals (403 policy, 502 upstream) when it sends no

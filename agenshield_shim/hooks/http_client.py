@@ -44,7 +44,6 @@ from urllib.parse import urlsplit  # http.client has imported it already
 
 from .. import NetworkBlockedError
 from .._boot import active_config
-from .._broker_client import connect_unix
 from . import guard_lets_through
 
 TYPE_CHECKING = False
@@ -433,6 +432,8 @@ def _connect_broker(config: "Config", timeout: Any, source_address: Any, options
     if timeout is not None and not isinstance(timeout, (int, float)):
         timeout = socket.getdefaulttimeout()  # a library's "default" sentinel: what a new socket gets
     if config.broker_socket:
+        from .._broker_client import connect_unix  # here: one module fewer for every import of http.client
+
         sock: socket.socket = connect_unix(config.broker_socket, timeout, _UnixSocket)
         return sock
     sock = socket.create_connection((config.broker_host, config.broker_port), timeout, source_address or None)
