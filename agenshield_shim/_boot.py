@@ -134,9 +134,7 @@ def _parse_v4(text: "Any", _len=len, _int=int, _digits=_DIGITS, _frozenset=froze
     return out
 
 
-def _parse_v6(
-    text: "Any", _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4, _range=range
-) -> "Any":
+def _parse_v6(text: "Any", _len=len, _int=int, _hex=_HEX, _frozenset=frozenset, _v4=_parse_v4) -> "Any":
     if "%" in text or text.count("::") > 1:
         return None
     tail = []
@@ -177,7 +175,6 @@ def _canon_text(
     _names=_NAME_CHARS,
     _frozenset=frozenset,
     _max=_MAX_HOST,
-    _str=str,
     _hexfmt="%x",
 ) -> "Optional[str]":
     """Canonical form of an exact ``str`` host, or None."""

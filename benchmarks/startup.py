@@ -36,23 +36,25 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venvs import build_wheel, clean_env, make_floor_venv, make_venv  # noqa: E402
 
-OPEN_LOOP = """
-import os, sys, time
-path = sys.argv[1]
-if len(sys.argv) > 2:  # the floors: any audit hook; any written in Python; that one sealed
-    noop = lambda event, args: None
-    sys.addaudithook({"c": {}.get, "py": noop, "sealed": noop.__call__}[sys.argv[2]])
+#: Run first by both in-process measurements. Its argument names the audit hook to add: none,
+#: or a floor (one that does nothing: written in C; written in Python; that one sealed, as ours is).
+FLOOR_HOOK = """
+import sys, time
+noop = lambda event, args: None
+floor = {"none": None, "c": {}.get, "py": noop, "sealed": noop.__call__}[sys.argv[1]]
+if floor is not None:
+    sys.addaudithook(floor)
+"""
+
+OPEN_LOOP = FLOOR_HOOK + """
+path = sys.argv[2]
 t = time.perf_counter()
 for _ in range(100_000):
     open(path, "rb").close()
 print(time.perf_counter() - t)
 """
 
-BIG_IMPORT = """
-import sys, time
-if len(sys.argv) > 1:  # the floors, as for open()
-    noop = lambda event, args: None
-    sys.addaudithook({"c": {}.get, "sealed": noop.__call__}[sys.argv[1]])
+BIG_IMPORT = FLOOR_HOOK + """
 t = time.perf_counter()
 import asyncio, email.mime.multipart, http.client, json, decimal, unittest, xml.etree.ElementTree, logging.handlers
 import urllib.request, concurrent.futures, sqlite3, argparse, tarfile, zipfile, csv, difflib, pydoc
@@ -101,20 +103,21 @@ def main() -> int:
             for name in order:
                 cmd, env = columns[name]
                 starts[name].append(wall(cmd, env))
-        guard: Dict[str, List[float]] = {
-            k: [] for k in ("open bare", "open shim", "open c-hook", "open py-hook", "open sealed-hook",
-                            "import bare", "import shim", "import c-hook", "import sealed-hook")
+        measures = {  # column: (interpreter, script, audit hook added by FLOOR_HOOK)
+            "open bare": (bare, OPEN_LOOP, "none"),
+            "open shim": (shim, OPEN_LOOP, "none"),
+            "open c-hook": (bare, OPEN_LOOP, "c"),
+            "open py-hook": (bare, OPEN_LOOP, "py"),
+            "open sealed-hook": (bare, OPEN_LOOP, "sealed"),
+            "import bare": (bare, BIG_IMPORT, "none"),
+            "import shim": (shim, BIG_IMPORT, "none"),
+            "import c-hook": (bare, BIG_IMPORT, "c"),
+            "import sealed-hook": (bare, BIG_IMPORT, "sealed"),
         }
+        guard: Dict[str, List[float]] = {name: [] for name in measures}
         for _ in range(max(5, args.runs // 4)):
-            guard["open bare"].append(inner([bare, "-c", OPEN_LOOP, str(target)], on))
-            guard["open shim"].append(inner([shim, "-c", OPEN_LOOP, str(target)], on))
-            guard["open c-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "c"], on))
-            guard["open py-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "py"], on))
-            guard["open sealed-hook"].append(inner([bare, "-c", OPEN_LOOP, str(target), "sealed"], on))
-            guard["import bare"].append(inner([bare, "-c", BIG_IMPORT], on))
-            guard["import shim"].append(inner([shim, "-c", BIG_IMPORT], on))
-            guard["import c-hook"].append(inner([bare, "-c", BIG_IMPORT, "c"], on))
-            guard["import sealed-hook"].append(inner([bare, "-c", BIG_IMPORT, "sealed"], on))
+            for name, (python, script, hook) in measures.items():
+                guard[name].append(inner([python, "-c", script, hook, str(target)], on))
     version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
                              capture_output=True, text=True).stdout.strip()
     print("Python %s, %d interleaved runs" % (version, args.runs))

@@ -19,7 +19,6 @@ first; each adds one step to the one before:
 """
 
 import argparse
-import importlib.util
 import random
 import shutil
 import statistics
@@ -31,6 +30,9 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venvs import ROOT, build_wheel, clean_env, make_floor_venv, make_venv, site_packages  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import make_pth  # noqa: E402  # the pieces of agenshield_shim.pth
 
 PROBE = "import time; print(time.process_time())"
 
@@ -52,10 +54,6 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--runs", type=int, default=150)
     args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("make_pth", ROOT / "tools" / "make_pth.py")
-    assert spec is not None and spec.loader is not None
-    make_pth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_pth)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         wheel = build_wheel(tmp / "wheel")

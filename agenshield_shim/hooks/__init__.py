@@ -32,15 +32,13 @@ def check_destination(host: object, port: object) -> None:
     only once the library has resolved the name and tried each address.
     """
     from .. import NetworkBlockedError
-    from .._boot import _display, active_policy, blocked_message, decide_destination, format_destination
+    from .._boot import _display, active_policy, blocked_message, format_destination
     from .._log import report_block
 
     policy = active_policy()
-    if policy is None:
+    if policy is None or guard_lets_through(host, port):
         return
     _, _, _, broker, reason = policy
-    if reason is None and decide_destination(host, port, policy):
-        return
     target = format_destination(_display(host), None if port is None else _display(port))
     report_block("socket.create_connection", target, policy)
     raise NetworkBlockedError(blocked_message(target, broker, reason), target, broker)

@@ -4,6 +4,7 @@ import json
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Set
 
 import pytest
 
@@ -47,23 +48,25 @@ def test_disabled_interpreter_is_untouched(shim: ShimEnv, bare: ShimEnv, tcp_lis
     assert tcp_listener.settle() == 5
 
 
+def imported(env: ShimEnv, imports: str = "") -> Set[str]:
+    """``sys.modules`` of a new interpreter of ``env`` once it has run ``import json`` and ``imports``."""
+    code = "import sys, json%s; print(json.dumps(sorted(sys.modules)))" % (", " + imports if imports else "")
+    return set(json.loads(env.run(code).stdout))
+
+
 def test_enabled_boot_imports_no_socket_asyncio_or_wrapt(shim: ShimEnv) -> None:
-    code = "import sys, json; print(json.dumps(sorted(sys.modules)))"
-    modules = set(json.loads(shim.run(code).stdout))
+    modules = imported(shim)
     assert not modules & {"socket", "_socket", "asyncio", "wrapt", "logging", "ssl", "selectors"}, modules
     assert "agenshield_shim._boot" in modules
     # the boot is one module: each module imported at start costs every process (benchmarks/startup.py)
     assert sorted(m for m in modules if m.startswith("agenshield_shim")) == ["agenshield_shim", "agenshield_shim._boot"]
 
 
-HOOKED_IMPORTS = "import sys, json, socket, http.client; print(json.dumps(sorted(sys.modules)))"
-
-
 def test_hooks_bring_no_other_module_with_them(shim: ShimEnv, bare: ShimEnv) -> None:
     """A library's hook loads our modules and nothing the library itself does not: ``typing``
     alone costs 3.3-4.3 ms, which a program importing only ``socket`` does not otherwise pay."""
-    hooked = set(json.loads(shim.run(HOOKED_IMPORTS).stdout))
-    plain = set(json.loads(bare.run(HOOKED_IMPORTS).stdout))
+    hooked = imported(shim, "socket, http.client")
+    plain = imported(bare, "socket, http.client")
     assert "agenshield_shim.hooks.http_client" in hooked
     # beside ours, only the codec site uses to read any .pth (bare venvs of 3.12+ have none), and
     # __future__ (0.1 ms), for the ``from __future__ import annotations`` of the http.client hook
