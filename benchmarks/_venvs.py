@@ -55,3 +55,9 @@ def make_floor_venv(python: str, target: Path) -> str:
     exe = make_venv(python, target)
     (site_packages(exe) / "floor.pth").write_text("import os, sys\n")
     return exe
+
+
+def python_version(python: str) -> str:
+    """``3.11.7``: for the first line of each benchmark's report."""
+    out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
+    return out.stdout.strip()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import ROOT, build_wheel, clean_env, make_venv  # noqa: E402
+from _venvs import ROOT, build_wheel, clean_env, make_venv, python_version  # noqa: E402
 
 LIBRARIES = ("requests", "httpx", "aiohttp")
 
@@ -169,8 +169,7 @@ def main() -> int:
             upstream.terminate()
             broker.wait(10)
             upstream.wait(10)
-    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+    version = python_version(args.python)
     print("Python %s; %d small requests (median), best of %d x %d MB; %d interleaved rounds; loopback" % (
         version, args.requests, 2 * args.rounds, args.size_mb, args.rounds))
     print("%-9s %-8s %12s %9s %12s %9s" % ("library", "mode", "latency us", "vs hand", "MB/s", "vs hand"))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import build_wheel, clean_env, make_floor_venv, make_venv  # noqa: E402
+from _venvs import build_wheel, clean_env, make_floor_venv, make_venv, python_version  # noqa: E402
 
 #: Run first by both in-process measurements. Its argument names the audit hook to add: none,
 #: or a floor (one that does nothing: written in C; written in Python; that one sealed, as ours is).
@@ -118,8 +118,7 @@ def main() -> int:
         for _ in range(max(5, args.runs // 4)):
             for name, (python, script, hook) in measures.items():
                 guard[name].append(inner([python, "-c", script, hook, str(target)], on))
-    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+    version = python_version(args.python)
     print("Python %s, %d interleaved runs" % (version, args.runs))
     base = statistics.median(starts["bare"])
     low = statistics.quantiles(starts["bare"], n=4)[0]

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import ROOT, build_wheel, clean_env, make_floor_venv, make_venv, site_packages  # noqa: E402
+from _venvs import (  # noqa: E402
+    ROOT, build_wheel, clean_env, make_floor_venv, make_venv, python_version, site_packages,
+)
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_pth  # noqa: E402  # the pieces of agenshield_shim.pth
@@ -95,8 +97,7 @@ def main() -> int:
             for name in order:
                 out = subprocess.run([columns[name], "-c", PROBE], env=env, check=True, capture_output=True, text=True)
                 cpu[name].append(float(out.stdout))
-    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+    version = python_version(args.python)
     print("Python %s, %d interleaved runs; CPU time used when user code starts (medians)" % (version, args.runs))
     print("%-30s %9s %10s %10s" % ("", "ms", "over bare", "this step"))
     base = previous = statistics.median(cpu["bare"])
