@@ -5,7 +5,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +61,9 @@ def python_version(python: str) -> str:
     """``3.11.7``: for the first line of each benchmark's report."""
     out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
     return out.stdout.strip()
+
+
+def bare_and_shim(python: str, tmp: Path) -> Tuple[str, str]:
+    """Two environments of ``python`` to compare: one without the shim, one with this checkout's wheel."""
+    wheel = build_wheel(tmp / "wheel")
+    return make_venv(python, tmp / "bare"), make_venv(python, tmp / "shim", wheel)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import build_wheel, clean_env, make_floor_venv, make_venv, python_version  # noqa: E402
+from _venvs import bare_and_shim, clean_env, make_floor_venv, python_version  # noqa: E402
 
 #: Run first by both in-process measurements. Its argument names the audit hook to add: none,
 #: or a floor (one that does nothing: written in C; written in Python; that one sealed, as ours is).
@@ -80,9 +80,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        wheel = build_wheel(tmp / "wheel")
-        bare = make_venv(args.python, tmp / "bare")
-        shim = make_venv(args.python, tmp / "shim", wheel)
+        bare, shim = bare_and_shim(args.python, tmp)
         floor = make_floor_venv(args.python, tmp / "floor")
         target = tmp / "file.bin"
         target.write_bytes(b"x")

@@ -30,7 +30,7 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venvs import (  # noqa: E402
-    ROOT, build_wheel, clean_env, make_floor_venv, make_venv, python_version, site_packages,
+    ROOT, bare_and_shim, clean_env, make_floor_venv, python_version, site_packages,
 )
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -58,9 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        wheel = build_wheel(tmp / "wheel")
-        bare = make_venv(args.python, tmp / "bare")
-        shim = make_venv(args.python, tmp / "shim", wheel)
+        bare, shim = bare_and_shim(args.python, tmp)
         columns: Dict[str, str] = {"bare": bare}
 
         columns["any .pth"] = make_floor_venv(args.python, tmp / "floor")
