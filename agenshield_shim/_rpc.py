@@ -47,6 +47,8 @@ BROKER_CONNECT_TIMEOUT_S = 5.0
 LOCAL_GRACE_S = 1.0
 #: Largest response head accepted from the broker.
 MAX_HEAD = 64 * 1024
+#: Largest answer line from the broker's Unix socket (a 10 MiB body, base64, with its envelope).
+MAX_LINE = 64 * 1024 * 1024
 TUNNEL_HINT = "set AGENSHIELD_TRANSPORT=tunnel (the default transport) to carry binary bodies"
 
 HeadersIn = Union[Mapping[Any, Any], Iterable[Tuple[Any, Any]], None]
@@ -191,15 +193,22 @@ def capabilities(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TI
                  url: Optional[str] = None) -> Capabilities:
     """The broker's capabilities, asked with one ``ping`` per broker address and process.
 
-    Failures are not cached (a broker that is down now may be up for the next request); ``url``
-    (the request that needed them) only names it in error messages.
+    A ping answered with an error or garbage means no extensions (the daemon 0.7.2 answers a ping
+    without ``params`` with -32603): the broker may still serve ``http_request``. A broker that
+    cannot be reached or does not answer in time is an error. Those failures are not cached (a
+    broker that is down now may be up for the next request); ``url`` (the request that needed
+    them) only names it in error messages.
     """
     key = _broker_key(config)
     caps = _caps_cache.get(key)
     if caps is None:
-        caps = Capabilities.from_ping(ping(config, deadline_s, url))
-        with _caps_lock:
-            _caps_cache[key] = caps
+        try:
+            result = ping(config, deadline_s, url)
+        except (RpcBrokerUnavailable, RpcTimeout):
+            raise
+        except RpcError:  # an odd ping: no extensions, never no routing
+            result = None
+        caps = _remember(key, Capabilities.from_ping(result))
     return caps
 
 
@@ -209,9 +218,19 @@ async def capabilities_async(config: Config, deadline_s: Optional[float] = BROKE
     key = _broker_key(config)
     caps = _caps_cache.get(key)
     if caps is None:
-        caps = Capabilities.from_ping(await ping_async(config, deadline_s, url))
-        with _caps_lock:
-            _caps_cache[key] = caps
+        try:
+            result = await ping_async(config, deadline_s, url)
+        except (RpcBrokerUnavailable, RpcTimeout):
+            raise
+        except RpcError:
+            result = None
+        caps = _remember(key, Capabilities.from_ping(result))
+    return caps
+
+
+def _remember(key: Tuple[Any, ...], caps: Capabilities) -> Capabilities:
+    with _caps_lock:
+        _caps_cache[key] = caps
     return caps
 
 
@@ -342,13 +361,20 @@ def build_params(
     return params
 
 
-def encode_call(rpc_method: str, params: Optional[Dict[str, Any]], host_header: str, req_id: int) -> bytes:
-    """The raw ``POST /rpc`` bytes: ASCII-only JSON (the daemon corrupts multi-byte characters split
-    across TCP chunks), ``Content-Length``, ``Connection: close`` (one call per connection)."""
-    payload: Dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": rpc_method}
-    if params is not None:
-        payload["params"] = params
+def encode_call(rpc_method: str, params: Optional[Dict[str, Any]], host_header: str, req_id: int,
+                unix: bool = False) -> bytes:
+    """The raw bytes of one call: ASCII-only JSON (the daemon corrupts multi-byte characters split
+    across TCP chunks), ``params`` always present (the daemon's ``ping`` handler crashes without).
+
+    Over TCP a ``POST /rpc`` with ``Content-Length`` and ``Connection: close`` (one call per
+    connection); over the broker's Unix socket one line of JSON (``unix``): the daemon's socket
+    speaks newline-delimited JSON-RPC, not HTTP, and so does the reference broker's.
+    """
+    payload: Dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": rpc_method,
+                               "params": {} if params is None else params}
     body = json.dumps(payload, separators=(",", ":")).encode("ascii")
+    if unix:
+        return body + b"\n"
     head = ("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nAccept: application/json\r\n"
             "Content-Length: %d\r\nConnection: close\r\n\r\n" % (RPC_PATH, host_header, len(body)))
     return head.encode("ascii") + body
@@ -506,7 +532,43 @@ class ResponseParser:
             self._state = "close"
 
 
-def decode_envelope(parser: ResponseParser, req_id: int, broker: str, url: Optional[str], method: str = "") -> Any:
+class LineParser:
+    """One newline-terminated JSON-RPC answer: the framing of the broker's Unix socket (NDJSON).
+
+    The same face as :class:`ResponseParser` (``status`` is 200 once a line is complete, ``body``
+    the line), so :func:`decode_envelope` reads either.
+    """
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: List[Tuple[str, str]] = []
+        self.body = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        end = data.find(b"\n")
+        self.body += data if end < 0 else data[:end]
+        if end >= 0:
+            self.done, self.status = True, 200
+        elif len(self.body) > MAX_LINE:
+            raise _Garbage("sent an answer line over %d bytes" % MAX_LINE)
+
+    def feed_eof(self) -> None:
+        if self.done:
+            return
+        if not self.body.strip():
+            raise _Garbage("closed the connection without answering")
+        raise _Garbage("closed the connection in the middle of its answer")
+
+
+def _parser(config: Config) -> "Union[ResponseParser, LineParser]":
+    return LineParser() if config.broker_socket else ResponseParser()
+
+
+def decode_envelope(parser: "Union[ResponseParser, LineParser]", req_id: int, broker: str, url: Optional[str], method: str = "") -> Any:
     """The ``result`` of the broker's answer, or the :class:`RpcError` its answer stands for."""
     what = ("%s %s" % (method, url)).strip() if url else "the call"
     if parser.status == 413:
@@ -582,7 +644,7 @@ def call(config: Config, rpc_method: str, params: Optional[Dict[str, Any]] = Non
 
     broker = broker_name(config)
     req_id = next(_ids)
-    data = encode_call(rpc_method, params, _host_header(config), req_id)
+    data = encode_call(rpc_method, params, _host_header(config), req_id, bool(config.broker_socket))
     start = time.monotonic()
 
     def remaining() -> Optional[float]:
@@ -595,7 +657,7 @@ def call(config: Config, rpc_method: str, params: Optional[Dict[str, Any]] = Non
 
     connect_timeout = BROKER_CONNECT_TIMEOUT_S if deadline_s is None else min(BROKER_CONNECT_TIMEOUT_S, deadline_s)
     sock = _connect_sync(config, connect_timeout, url)
-    parser = ResponseParser()
+    parser = _parser(config)
     try:
         try:
             sock.settimeout(remaining())
@@ -640,7 +702,7 @@ async def call_async(config: Config, rpc_method: str, params: Optional[Dict[str,
 
     broker = broker_name(config)
     req_id = next(_ids)
-    data = encode_call(rpc_method, params, _host_header(config), req_id)
+    data = encode_call(rpc_method, params, _host_header(config), req_id, bool(config.broker_socket))
     loop = asyncio.get_running_loop()
     start = loop.time()
     connect_timeout = BROKER_CONNECT_TIMEOUT_S if deadline_s is None else min(BROKER_CONNECT_TIMEOUT_S, deadline_s)
@@ -655,7 +717,7 @@ async def call_async(config: Config, rpc_method: str, params: Optional[Dict[str,
                            RpcBrokerConnectTimeout) from None
     except OSError as exc:
         raise _unavailable(config, url, exc.strerror or str(exc) or type(exc).__name__) from None
-    parser = ResponseParser()
+    parser = _parser(config)
 
     async def talk() -> None:
         try:
@@ -703,13 +765,13 @@ async def call_async(config: Config, rpc_method: str, params: Optional[Dict[str,
 
 def ping(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TIMEOUT_S, url: Optional[str] = None) -> Any:
     """The broker's ``ping`` result (``{pong, version, extensions?}``)."""
-    return call(config, "ping", None, deadline_s=deadline_s, url=url)
+    return call(config, "ping", {}, deadline_s=deadline_s, url=url)
 
 
 async def ping_async(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TIMEOUT_S,
                      url: Optional[str] = None) -> Any:
     """:func:`ping` for asyncio code."""
-    return await call_async(config, "ping", None, deadline_s=deadline_s, url=url)
+    return await call_async(config, "ping", {}, deadline_s=deadline_s, url=url)
 
 
 # -- the answer -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 #: advertised in ``GET /health`` and in the ``ping`` result (never with ``compat=True``) so that a
 #: client can detect them; see ``PROTOCOL.md`` beside this file for their wire format.
 EXTENSIONS: Tuple[str, ...] = (
+    "tunnel",
     "body-base64",
     "redirect-policy",
     "connect-port-policy",

@@ -233,6 +233,35 @@ class Stream:
             except asyncio.TimeoutError:
                 raise HttpError(408, "request head not received in time") from None
 
+    async def first_byte(self, idle_timeout: float) -> Optional[int]:
+        """The first byte the peer sends (left in the buffer), or ``None`` on EOF or silence."""
+        if not self.buf:
+            try:
+                if not await asyncio.wait_for(self._fill(), idle_timeout):
+                    return None
+            except asyncio.TimeoutError:
+                return None
+        return self.buf[0]
+
+    async def read_line(self, limit: int, idle_timeout: float) -> Optional[bytes]:
+        """The next ``\\n``-terminated line without its terminator (newline-delimited JSON-RPC);
+        ``None`` on EOF or ``idle_timeout`` of silence; :class:`HttpError` 413 over ``limit`` bytes."""
+        start = 0
+        while True:
+            idx = self.buf.find(b"\n", start)
+            if idx >= 0:
+                line = bytes(self.buf[:idx])
+                del self.buf[: idx + 1]
+                return line
+            if len(self.buf) > limit:
+                raise HttpError(413, "request line larger than %d bytes" % limit)
+            start = len(self.buf)
+            try:
+                if not await asyncio.wait_for(self._fill(), idle_timeout):
+                    return None
+            except asyncio.TimeoutError:
+                return None
+
     async def read_response_head(self, limit: int) -> Optional[bytes]:
         """An upstream response head; ``None`` on EOF before any byte (the caller applies timeouts)."""
         start = 0

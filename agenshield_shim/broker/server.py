@@ -38,6 +38,8 @@ from .tunnel import handle_connect
 from .upstream import Resolver, make_client_ssl_context
 
 JSON = [("Content-Type", "application/json")]
+#: First bytes that make a Unix-socket connection newline-delimited JSON-RPC rather than HTTP.
+JSON_START = frozenset(b"{[ \t\r\n")
 #: Listen backlog. Passed to ``start_server`` too, which otherwise re-``listen()``s with 100: a burst
 #: of a few hundred connects (500 tunnels at once) would overflow it and wait out a 1 s SYN retry.
 BACKLOG = 1024
@@ -288,6 +290,8 @@ class Broker:
     async def _serve(self, conn: Conn) -> None:
         cfg = self.config
         stream = conn.stream
+        if conn.channel == "socket" and await stream.first_byte(cfg.head_timeout) in JSON_START:
+            return await self._serve_lines(conn)
         first = True
         while not self._closing:
             conn.busy = False
@@ -308,6 +312,27 @@ class Broker:
             if not keep:
                 return
             first = False
+
+    async def _serve_lines(self, conn: Conn) -> None:
+        """The Unix socket's other framing, the daemon's: one JSON-RPC call per line, one line back."""
+        assert self.rpc is not None
+        cfg = self.config
+        stream = conn.stream
+        while not self._closing:
+            conn.busy = False
+            try:
+                line = await stream.read_line(cfg.max_body_size, cfg.keepalive_timeout)
+            except HttpError:
+                self._count("bad_requests_413")
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            conn.busy = True
+            envelope = await self.rpc.handle_rpc(conn, line)
+            stream.writer.write(json.dumps(envelope).encode("ascii") + b"\n")
+            await stream.writer.drain()
 
     def _count(self, name: str) -> None:
         if self.services is not None:

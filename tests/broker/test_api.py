@@ -72,7 +72,7 @@ def test_config_defaults() -> None:
     c = BrokerConfig()
     assert (c.host, c.port, c.unix_mode, c.max_body_size) == ("127.0.0.1", 6969, 0o600, 10 * 1024 * 1024)
     assert c.extensions == EXTENSIONS and BrokerConfig(compat=True).extensions == ()
-    assert config_mod.EXTENSIONS == ("body-base64", "redirect-policy", "connect-port-policy", "proxy-error-header")
+    assert config_mod.EXTENSIONS == ("tunnel", "body-base64", "redirect-policy", "connect-port-policy", "proxy-error-header")
 
 
 def test_broker_does_not_import_shim_guard() -> None:

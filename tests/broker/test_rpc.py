@@ -35,7 +35,7 @@ def test_health(broker: BrokerHandle, compat_broker: BrokerHandle) -> None:
         data = json.loads(r.read())
         assert r.status == 200
     assert data["status"] == "ok" and data["version"] == "0.1.0"
-    assert data["extensions"] == ["body-base64", "redirect-policy", "connect-port-policy", "proxy-error-header"]
+    assert data["extensions"] == ["tunnel", "body-base64", "redirect-policy", "connect-port-policy", "proxy-error-header"]
     with opener.open(compat_broker.url + "/health") as r:
         assert json.loads(r.read()) == {"status": "ok", "version": "0.1.0"}
 
