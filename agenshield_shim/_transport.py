@@ -12,8 +12,8 @@ The probe, cheapest first:
    A broker that advertises the ``tunnel`` extension tunnels.
 2. Otherwise, on the broker's Unix socket: rpc (the daemon's socket speaks JSON-RPC lines only).
 3. Otherwise one ``CONNECT 127.0.0.1:0`` on a connection of its own: a broker without a proxy
-   answers 404/405/501 (0.7.2: ``404 {"error":"Not found"}``), which means rpc; any other HTTP
-   answer means the method is served: tunnel. The target is loopback port 0, so even a broker that
+   closes the connection without a word (0.7.2's Node server drops a CONNECT) or answers
+   404/405/501, which means rpc; any other HTTP answer means the method is served: tunnel. The target is loopback port 0, so even a broker that
    allows it connects nowhere (the kernel refuses port 0 locally); it costs one audit line.
 
 A broker that cannot be reached, or does not answer in time, decides nothing: nothing is cached and
@@ -34,6 +34,9 @@ EXT_TUNNEL = "tunnel"
 PROBE_TARGET = b"127.0.0.1:0"
 #: Statuses that say "no such method or route here": the broker is not a proxy.
 NOT_A_PROXY = (404, 405, 501)
+#: The probe's "status" when the broker closed the connection without a word (what the daemon
+#: 0.7.2's HTTP server does with a CONNECT: Node drops a CONNECT nobody listens for).
+CLOSED = 0
 
 
 class Choice:
@@ -138,6 +141,9 @@ def _probe(config: Config, deadline_s: "Optional[float]") -> "Optional[Choice]":
     status = _connect_status(config, deadline)
     if status is None:
         return None
+    if status == CLOSED:
+        return Choice(RPC, "the broker closed the connection on CONNECT: it serves /rpc only (the AgenShield "
+                           "daemon before 0.7.3)")
     if status in NOT_A_PROXY:
         return Choice(RPC, "the broker answered CONNECT with %d: it serves /rpc only (the AgenShield daemon "
                            "before 0.7.3)" % status)
@@ -160,6 +166,8 @@ def _connect_status(config: Config, deadline: float) -> "Optional[int]":
                 answer += chunk
     except OSError:
         return None
+    if not answer:
+        return CLOSED
     parts = answer.split(b"\r\n", 1)[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
         return None
@@ -168,6 +176,7 @@ def _connect_status(config: Config, deadline: float) -> "Optional[int]":
 
 def not_a_proxy_message(broker: str, status: int, destination: str) -> str:
     """The error of an explicit ``AGENSHIELD_TRANSPORT=tunnel`` against a broker that is not a proxy."""
-    return ("AgenShield: the broker at %s does not tunnel: it answered CONNECT %s with %d (the AgenShield daemon "
+    answer = "closed the connection" if status == CLOSED else "answered %d" % status
+    return ("AgenShield: the broker at %s does not tunnel: it %s when asked for %s (the AgenShield daemon "
             "0.7.2 serves only /rpc); set AGENSHIELD_TRANSPORT=auto (the default) or rpc"
-            % (broker, destination, status))
+            % (broker, answer, destination))

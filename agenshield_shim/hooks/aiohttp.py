@@ -183,6 +183,13 @@ class _Router:
             raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
         except errors.ClientProxyConnectionError as exc:
             raise self.unreachable(exc) from exc
+        except errors.ServerDisconnectedError as exc:
+            # the daemon 0.7.2 drops a CONNECT without a word: say that it does not tunnel
+            if str(url).split(":", 1)[0].lower() in _PLAIN_SCHEMES or not await self.not_a_proxy():
+                raise
+            from .._transport import CLOSED, not_a_proxy_message
+
+            raise errors.ClientConnectionError(not_a_proxy_message(self.broker, CLOSED, str(url))) from exc
         except errors.ClientResponseError as exc:
             # raise_for_status=True raised on a forwarded request the broker refused
             error = await self.forward_error(exc.request_info, exc.history, exc.status, exc.headers, None)

@@ -519,11 +519,17 @@ def _tunnel(conn: Any, route: _Route) -> None:
         raise _library_timeout(conn, route, exc) from exc
     except (OSError, _http.HTTPException) as exc:
         conn.close()
-        error = BrokerTunnelError(
-            "AgenShield: the broker at %s broke off while opening a tunnel to %s (%s)"
-            % (route.broker, route.destination, exc or type(exc).__name__),
-            route.destination, route.broker,
-        )
+        if _not_a_proxy(route.config, conn):  # the daemon 0.7.2 drops a CONNECT without a word
+            from .._transport import CLOSED, not_a_proxy_message
+
+            error = BrokerTunnelError(not_a_proxy_message(route.broker, CLOSED, route.destination),
+                                      route.destination, route.broker)
+        else:
+            error = BrokerTunnelError(
+                "AgenShield: the broker at %s broke off while opening a tunnel to %s (%s)"
+                % (route.broker, route.destination, exc or type(exc).__name__),
+                route.destination, route.broker,
+            )
         raise _library_error(conn, route, error) from exc
     conn.close()
     raise _library_error(conn, route, _refusal(route, status, reason, kind, body))

@@ -234,6 +234,12 @@ class _Errors:
                 self.broker, exc,
             )
             return module.ConnectError(message, request=request)  # type: ignore[no-any-return]
+        if isinstance(exc, (module.RemoteProtocolError, module.ReadError)) and request.url.scheme == "https" \
+                and self.not_a_proxy(request):  # the daemon 0.7.2 drops a CONNECT without a word
+            from .._transport import CLOSED, not_a_proxy_message
+
+            message = not_a_proxy_message(self.broker, CLOSED, _destination(request.url))
+            return module.ProxyError(message, request=request)  # type: ignore[no-any-return]
         return None
 
     def _is_tls(self, exc: BaseException) -> bool:
