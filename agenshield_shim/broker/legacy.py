@@ -25,9 +25,14 @@ newline-delimited JSON. Everything here was measured on the daemon itself
 - ``ping`` → ``{pong, echo?, timestamp, version}`` (``echo`` is ``params.echo``, when given).
 - ``policy_check``: ``-32602`` without ``operation``; only ``http_request`` targets (URLs) are
   evaluated, any other operation is ``{allowed: false, reason: "No matching allow policy"}``.
-- ``http_request``: no ``params`` is ``1001 Policy check failed``; an unparseable URL is
+- ``http_request`` is Node's ``fetch``: ``accept: */*``, ``accept-language: *``,
+  ``sec-fetch-mode: cors``, ``user-agent: node``, ``accept-encoding: gzip, deflate`` are added
+  where the caller gave none; a body is ``String(body)`` sent with a ``Content-Length`` (and
+  ``content-type: text/plain;charset=UTF-8`` where none was given). No
+  ``params`` is ``1001 Policy check failed``; an unparseable URL is
   ``1001 Invalid URL``; any network failure is ``1004 Network error: fetch failed`` (Node's
-  ``fetch``); result headers come sorted by name.
+  ``fetch``); result headers come sorted by name, of several ``Set-Cookie`` only the last, and
+  gzip/deflate bodies decoded (``content-encoding`` still says gzip).
 
 The daemon's other methods (files, exec, secrets, skills, events) are not implemented by the
 reference broker: its policy governs none of them, so they are refused as the daemon's default
@@ -40,6 +45,7 @@ import datetime
 import email.utils
 import json
 import time
+import zlib
 from typing import Any, Dict
 
 from .context import Conn, Services
@@ -62,6 +68,9 @@ HTTP_DENIED = frozenset({"exec", "file_write", "secret_inject"})
 HTTP_METHODS = frozenset({"http_request", "file_read", "file_list", "open_url", "ping", "policy_check", "events_batch"})
 #: What this broker implements; any other method reaching the policy is refused by it.
 SERVED = frozenset({"http_request", "ping", "policy_check"})
+#: What Node's ``fetch`` adds to every request (measured at the upstream), unless the caller set it.
+FETCH_HEADERS = (("accept", "*/*"), ("accept-language", "*"), ("sec-fetch-mode", "cors"), ("user-agent", "node"),
+                 ("accept-encoding", "gzip, deflate"))
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 413: "Payload Too Large",
             431: "Request Header Fields Too Large"}
 
@@ -258,13 +267,81 @@ async def http_request(rpc: RpcService, conn: Conn, params: Any) -> Dict[str, An
         raise RpcError(URL_REQUIRED, "URL is required")
     if not isinstance(url, str):
         raise RpcError(POLICY_DENIED, "Invalid URL")
+    request = fetch_params(p)
     try:
-        result = await rpc.http_request(conn, p)
+        result = await rpc.http_request(conn, request, raw_body=True)
     except RpcError as exc:
         if exc.code == POLICY_DENIED and exc.message.startswith("Invalid URL"):
             raise RpcError(POLICY_DENIED, "Invalid URL") from None
         if exc.code == NETWORK_ERROR and exc.message.startswith("Network error:"):
             raise RpcError(NETWORK_ERROR, "Network error: fetch failed") from None
         raise
-    result["headers"] = dict(sorted(result["headers"].items()))
+    headers = dict(sorted(result["headers"].items()))
+    result["headers"] = headers
+    result["body"] = fetch_decode(result["body"], headers.get("content-encoding")).decode("utf-8", "replace")
     return result
+
+
+def _js_string(value: Any) -> str:
+    """``String(value)`` for a JSON value (how 0.7.2 turns a non-string ``body`` into text)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return ",".join("" if v is None else _js_string(v) for v in value)
+    return "[object Object]"
+
+
+def fetch_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """``http_request`` params as 0.7.2's ``fetch`` sends them: its default request headers where the
+    caller gave none of that name, a falsy ``body`` dropped, any other made a string and sent with a
+    ``Content-Length`` (never chunked)."""
+    out = dict(params)
+    given = params.get("headers") if isinstance(params.get("headers"), dict) else {}
+    headers = dict(given)
+    names = {str(k).lower() for k in given}
+    for name, value in FETCH_HEADERS:
+        if name not in names:
+            headers[name] = value
+    body = params.get("body")
+    out.pop("body", None)
+    if _truthy(body):
+        method = params.get("method") or "GET"
+        if isinstance(method, str) and method.upper() in ("GET", "HEAD"):
+            raise RpcError(NETWORK_ERROR, "Network error: Request with GET/HEAD method cannot have body.")
+        out["body"] = _js_string(body)
+        if "content-type" not in names:
+            headers["content-type"] = "text/plain;charset=UTF-8"  # fetch's type for a string body
+        if "content-length" not in names:
+            headers["content-length"] = str(len(out["body"].encode("utf-8")))
+    out["headers"] = headers
+    return out
+
+
+def fetch_decode(data: bytes, encoding: Any) -> bytes:
+    """The body as ``fetch`` hands it to ``response.text()``: gzip and deflate undone (the
+    ``content-encoding`` header is left as it came). Codings it does not know (br here, which
+    needs a module the standard library lacks) are left encoded."""
+    if not data or not isinstance(encoding, str):
+        return data
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        try:
+            if coding in ("gzip", "x-gzip"):
+                data = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
+            elif coding == "deflate":
+                try:
+                    data = zlib.decompress(data)
+                except zlib.error:
+                    data = zlib.decompress(data, -zlib.MAX_WBITS)
+            else:
+                return data
+        except zlib.error:  # fetch fails reading such a body (message not measured)
+            raise RpcError(NETWORK_ERROR, "Network error: fetch failed") from None
+    return data

@@ -247,7 +247,8 @@ class RpcService:
         )
         return decision.as_result()
 
-    async def http_request(self, conn: Conn, params: Dict[str, Any]) -> Dict[str, Any]:
+    async def http_request(self, conn: Conn, params: Dict[str, Any], raw_body: bool = False) -> Dict[str, Any]:
+        """``raw_body``: the result's ``body`` is the response bytes, for ``legacy.py`` to decode as 0.7.2 does."""
         services = self.services
         url = params.get("url")
         if not isinstance(url, str) or not url:
@@ -311,6 +312,8 @@ class RpcService:
         if base64_mode:
             result["body"] = base64.b64encode(data).decode("ascii")
             result["bodyEncoding"] = "base64"
+        elif raw_body:
+            result["body"] = data
         else:
             result["body"] = data.decode("utf-8", "replace")
         return result
@@ -339,10 +342,14 @@ class RpcService:
                     if len(buf) > limit:
                         raise RpcError(NETWORK_ERROR, "Network error: response body larger than %d bytes" % limit)
                 out_headers: Dict[str, str] = {}
+                # 0.7.2 copies fetch's headers one by one: of several Set-Cookie, the last one is kept
+                last_cookie_only = services.config.rpc_only
                 for k, v in resp.raw_headers:
                     name = k.decode("latin-1").lower()
                     value = v.decode("latin-1")
-                    out_headers[name] = out_headers[name] + ", " + value if name in out_headers else value
+                    if name in out_headers and not (last_cookie_only and name == "set-cookie"):
+                        value = out_headers[name] + ", " + value
+                    out_headers[name] = value
                 status, reason = resp.status, resp.reason or ""
                 location = resp.headers.get("Location")
         except RpcError as exc:
