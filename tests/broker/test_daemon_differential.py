@@ -23,20 +23,14 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
 from agenshield_shim.broker.runner import BrokerProcess
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from tests.daemon import Daemon, DaemonUnavailable  # noqa: E402
+from tests.daemon import Daemon, DaemonUnavailable
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -239,6 +233,7 @@ def rpc_corpus(http: str, https: str, refused_port: int) -> Dict[str, bytes]:
         "http_request-denied-127.0.0.2": call("http_request", {"url": "http://127.0.0.2:%d/hello" % refused_port}),
         "http_request-denied-name": call("http_request", {"url": "https://example.com/"}),
         "http_request-refused-port": call("http_request", {"url": "http://127.0.0.1:%d/" % refused_port}),
+        "http_request-timeout": call("http_request", {"url": http + "/slow?s=2", "timeout": 300}),
         "http_request-missing-url": call("http_request", {"method": "GET"}),
         "http_request-without-params": call("http_request"),
         "http_request-not-a-url": call("http_request", {"url": "not a url"}),
