@@ -230,6 +230,9 @@ def rpc_corpus(http: str, https: str, refused_port: int) -> Dict[str, bytes]:
         "http_request-201-timeout-param": call("http_request", {"url": http + "/status/201", "method": "GET", "timeout": 5000}),
         "http_request-redirect-kept": call("http_request", {"url": http + "/redirect?to=/hello", "followRedirects": False}),
         "http_request-redirect-followed": call("http_request", {"url": http + "/redirect?to=/hello"}),
+        # 0.7.2 checks only the first URL: the hop to 127.0.0.2 is attempted (and refused by the OS)
+        "http_request-redirect-to-denied-host": call(
+            "http_request", {"url": http + "/redirect?to=http://127.0.0.2:%d/" % refused_port}),
         "http_request-denied-127.0.0.2": call("http_request", {"url": "http://127.0.0.2:%d/hello" % refused_port}),
         "http_request-denied-name": call("http_request", {"url": "https://example.com/"}),
         "http_request-refused-port": call("http_request", {"url": "http://127.0.0.1:%d/" % refused_port}),
