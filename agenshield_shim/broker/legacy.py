@@ -53,7 +53,7 @@ from .http1 import HttpError, RequestHead, read_body, request_framing
 from .policy import Decision
 from .rpc import (
     INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, NETWORK_ERROR, NOT_ALLOWED_OVER_HTTP, PARSE_ERROR,
-    POLICY_DENIED, URL_REQUIRED, RpcError, RpcService, _url_target, error_envelope,
+    POLICY_DENIED, URL_REQUIRED, RpcError, RpcService, url_target, error_envelope,
 )
 
 #: The version string 0.7.2 reports in ``/health`` and ``ping`` (hard-coded in the daemon).
@@ -229,7 +229,7 @@ def _url_decision(rpc: RpcService, url: Any) -> Decision:
     if not isinstance(url, str):
         return Decision(False, None, "Invalid URL")
     try:
-        return rpc.services.policy.check(_url_target(url, None))
+        return rpc.services.policy.check(url_target(url, None))
     except RpcError:
         return Decision(False, None, "Invalid URL")
 

@@ -106,7 +106,7 @@ def _trace_metadata(context: Any) -> Dict[str, Any]:
     return out
 
 
-def _url_target(url: str, method: Optional[str]) -> Target:
+def url_target(url: str, method: Optional[str]) -> Target:
     """The policy target of an http(s) URL; :class:`RpcError` 1001 when it cannot be one."""
     try:
         parts = urlsplit(url)
@@ -229,7 +229,7 @@ class RpcService:
             decision = Decision(False, None, "Operation '%s' is not governed by this broker" % op[:100])
         elif "://" in target:
             try:
-                decision = self.services.policy.check(_url_target(target, method.upper() if method else None))
+                decision = self.services.policy.check(url_target(target, method.upper() if method else None))
             except RpcError as exc:
                 decision = Decision(False, None, exc.message)
         else:
@@ -274,7 +274,7 @@ class RpcService:
         first_origin: Optional[Tuple[str, str, int]] = None
         for hop in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
-            target = _url_target(url, method)
+            target = url_target(url, method)
             origin = (target.scheme or "", target.host, target.port or 0)
             if first_origin is None:
                 first_origin = origin
@@ -300,7 +300,7 @@ class RpcService:
                         method = "GET"
                     body = None
                     headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-type")]
-                nt = _url_target(next_url, method)
+                nt = url_target(next_url, method)
                 if (nt.scheme, nt.host, nt.port) != first_origin:
                     headers = [(k, v) for k, v in headers if k.lower() not in _SENSITIVE]
                 url = next_url
