@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from .config import BrokerConfig
+from .config import COMPAT_VERSIONS, LATEST_COMPAT, BrokerConfig
 from .policy import PolicyError, build_policy
 from .server import Broker
 
@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (default deny; see docs)")
     p.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]", help="allow a destination (repeatable)")
     p.add_argument("--audit", metavar="FILE", help="append audit JSON lines here (default: stderr)")
-    p.add_argument("--compat", action="store_true", help="behave exactly like the AgenShield daemon's broker (no extensions)")
+    p.add_argument(
+        "--compat", nargs="?", const=LATEST_COMPAT, default=None, choices=COMPAT_VERSIONS, metavar="VERSION",
+        help="behave exactly like the AgenShield daemon's broker, no extensions: VERSION %s (the default: the "
+             "daemon's later source, with forward proxy and CONNECT) or 0.7.2 (the published daemon: /health and "
+             "/rpc only)" % LATEST_COMPAT)
     p.add_argument("--connect-timeout", type=_seconds, default=d.connect_timeout, metavar="S")
     p.add_argument("--idle-timeout", type=_seconds, default=d.idle_timeout, metavar="S", help="tunnels and forwards")
     p.add_argument("--head-timeout", type=_seconds, default=d.head_timeout, metavar="S", help="time to send a request head")
@@ -97,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         policy_file=args.policy,
         allow=tuple(args.allow),
         audit_file=args.audit,
-        compat=args.compat,
+        compat=args.compat is not None,
+        compat_version=args.compat,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
         head_timeout=args.head_timeout,
