@@ -94,10 +94,11 @@ def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Cho
             if choice is None:
                 return None
             _probed[key] = choice
-            from ._log import get_logger
+            from . import _log
 
-            get_logger().info("AgenShield: transport %s for the broker at %s (%s)",
-                              choice.transport, _broker_name(config), choice.reason)
+            if _log.enabled("info"):
+                _log.get_logger().info("AgenShield: transport %s for the broker at %s (%s)",
+                                       choice.transport, _broker_name(config), choice.reason)
     return choice
 
 

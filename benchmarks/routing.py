@@ -103,23 +103,28 @@ def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess
 TEXT_MODES = ("ref rpc", "daemon", "daemon unix")
 
 PROBE = r'''
-import time
-from agenshield_shim import _boot, _transport
-config = _boot.active_config()
+import sys, time
 t = time.perf_counter()
+from agenshield_shim import _boot, _transport, _rpc  # what the probe loads (the rpc core: its ping)
+config = _boot.active_config()
+loaded = time.perf_counter()
 choice = _transport.probe(config)
-print(time.perf_counter() - t, choice.transport)
+done = time.perf_counter()
+print(loaded - t, done - loaded, choice.transport)
 '''
 
 
-def probe_cost(python: str, variables: Dict[str, str], runs: int) -> float:
-    """Median time of the ``auto`` transport's probe (once per process) in fresh interpreters."""
-    times = []
+def probe_cost(python: str, variables: Dict[str, str], runs: int) -> Tuple[float, float]:
+    """Median cost of the ``auto`` transport's probe (once per process) in fresh interpreters:
+    loading its modules, and the questions to the broker."""
+    loads, asks = [], []
     for _ in range(runs):
         out = subprocess.run([python, "-c", PROBE], env=clean_env(**variables), capture_output=True, text=True,
                              timeout=60, check=True)
-        times.append(float(out.stdout.split()[0]))
-    return statistics.median(times)
+        load, ask, _ = out.stdout.split()
+        loads.append(float(load))
+        asks.append(float(ask))
+    return statistics.median(loads), statistics.median(asks)
 
 
 def import_costs(bare: str, shim: str, module: str, runs: int) -> Tuple[float, float]:
@@ -240,8 +245,8 @@ def main() -> int:
             print("%-9s %-12s %12.0f %8.3fx %12.0f %8.3fx" % (
                 lib, mode, r["latency"] * 1e6, r["latency"] / ref["latency"], r["rate"] / 1e6, r["rate"] / ref["rate"]))
     print("the auto transport's probe, once per process (median of %d fresh interpreters):" % args.import_runs)
-    for name, seconds in probes.items():
-        print("  %-32s %8.2f ms" % (name, seconds * 1000))
+    for name, (load, ask) in probes.items():
+        print("  %-32s modules %6.2f ms, questions %6.2f ms" % (name, load * 1000, ask * 1000))
     print("%-9s %14s %14s %8s" % ("import", "without ms", "with shim ms", "ratio"))
     for lib, (without, with_shim) in costs.items():
         print("%-9s %14.1f %14.1f %7.3fx" % (lib, without * 1000, with_shim * 1000, with_shim / without))
