@@ -569,7 +569,56 @@ HOOKS = (
     ("http.client", "agenshield_shim.hooks.http_client:install"),
     ("aiohttp", "agenshield_shim.hooks.aiohttp:install"),
     ("httpx", "agenshield_shim.hooks.httpx:install"),
+    ("websockets.asyncio.client", "agenshield_shim.hooks.websockets:install_asyncio"),
+    ("websockets.sync.client", "agenshield_shim.hooks.websockets:install_sync"),
 )
+
+# -- the proxy environment ----------------------------------------------------------------------
+# Every guarded interpreter carries the standard proxy variables pointing at the broker, so that
+# what no hook knows (a library honouring HTTP(S)_PROXY, a C library reading them with getenv, a
+# child process: curl, git, uv, npm, another environment's pip) goes through the broker too. The
+# guard stays the enforcement; the variables are what makes the unknown work. They are set here,
+# at boot, not where children start: libraries in this process (and libcurl, grpc) read them at
+# any time, and an exec path that is not patched would miss them. A proxy the application had set
+# is replaced (the guard would refuse it, and a child would use it to go around the broker), and
+# NO_PROXY/no_proxy are removed (a child would connect directly to what they list).
+
+#: Set to ``http://BROKER`` (README: the proxy environment); npm's own settings beat HTTP(S)_PROXY.
+PROXY_VARIABLES = (
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+    "npm_config_proxy", "npm_config_https_proxy",
+)
+NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
+
+
+def proxy_environment(broker: str) -> "Dict[str, str]":
+    """The proxy variables for a broker at ``broker`` (``host:port``, IPv6 in brackets)."""
+    url = "http://" + broker
+    return {name: url for name in PROXY_VARIABLES}
+
+
+def set_proxy_environment(environ: "Any", broker: str) -> None:
+    """Point this process's proxy variables (and so its children's) at the broker; drop NO_PROXY.
+
+    Compares ``os.environ``'s own store first, so a child that inherited them sets nothing (each
+    ``os.environ`` assignment is a ``putenv`` and an audit event).
+    """
+    url = "http://" + broker
+    data = getattr(environ, "_data", None)
+    encode = getattr(environ, "encodekey", None)
+    if type(data) is not dict or encode is None:  # pragma: no cover - not CPython's os.environ
+        for name in PROXY_VARIABLES:
+            environ[name] = url
+        for name in NO_PROXY_VARIABLES:
+            environ.pop(name, None)
+        return
+    wanted = environ.encodevalue(url)
+    for name in PROXY_VARIABLES:
+        if data.get(encode(name)) != wanted:
+            environ[name] = url
+    for name in NO_PROXY_VARIABLES:
+        if encode(name) in data:
+            del environ[name]
 
 
 #: ``policy_for("localhost", 6969)``, the defaults, spelled out: parsing them cost every default
@@ -627,6 +676,7 @@ def boot() -> None:
     install(policy, _report)
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
+    set_proxy_environment(environ, policy[BROKER])
 
 
 def active_config() -> "Optional[Config]":

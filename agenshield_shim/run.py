@@ -209,9 +209,18 @@ def check_guarded(command: List[str], env: Dict[str, str]) -> Optional[str]:
 
 
 def child_env(broker: Broker) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "AGENSHIELD_ENABLED"}
+    """COMMAND's environment: the shim's configuration, and the proxy variables pointing at the broker.
+
+    The proxy variables are what a guarded Python sets for itself at boot; COMMAND may be no Python
+    (curl, git, npm, a shell), so run sets them too. Under ``--sandbox netns`` the same address is
+    the relay's, inside the namespace.
+    """
+    from ._boot import NO_PROXY_VARIABLES, format_destination, proxy_environment
+
+    env = {k: v for k, v in os.environ.items() if k != "AGENSHIELD_ENABLED" and k not in NO_PROXY_VARIABLES}
     env[ENV_BROKER_HOST] = broker.host
     env[ENV_BROKER_PORT] = str(broker.port)
+    env.update(proxy_environment(format_destination(broker.host, broker.port)))
     return env
 
 

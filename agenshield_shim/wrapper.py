@@ -28,6 +28,7 @@ import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
+from ._boot import NO_PROXY_VARIABLES, PROXY_VARIABLES, format_destination, proxy_environment
 from ._config import (
     DEFAULT_BROKER_HOST,
     DEFAULT_BROKER_PORT,
@@ -158,6 +159,9 @@ def generate_python_wrapper(
             raise WrapperError("environment name %r is not a shell variable name" % name)
         if name in _RESERVED:
             raise WrapperError("set %s with its own option (--broker-host/--broker-port/--broker-socket)" % name)
+        if name in PROXY_VARIABLES or name in NO_PROXY_VARIABLES:
+            raise WrapperError("%s is the wrapper's: the proxy variables point at the broker, and NO_PROXY is "
+                               "removed (a child would connect directly to what it lists)" % name)
         if "\x00" in extra[name]:
             raise WrapperError("environment value of %s contains NUL" % name)
 
@@ -200,6 +204,9 @@ def generate_python_wrapper(
     if broker_socket:
         variables.append((ENV_BROKER_SOCKET, broker_socket))
     variables += sorted(extra.items())
+    # What the guarded Python sets for itself at boot, written here too, so that the script says
+    # what its children get (inside the namespace, the address is the relay's).
+    variables += sorted(proxy_environment(format_destination(host.strip("[]"), broker_port)).items())
     lines = [
         "#!/bin/sh",
         MARKER,
@@ -207,6 +214,7 @@ def generate_python_wrapper(
         "# python: %s" % _one_line(python),
     ]
     lines += ["%s=%s; export %s" % (name, shlex.quote(value), name) for name, value in variables]
+    lines.append("unset " + " ".join(NO_PROXY_VARIABLES))
     lines.append("exec " + " ".join(shlex.quote(w) for w in exec_words) + ' "$@"')
     text = "\n".join(lines) + "\n"
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 #: The relay script, run by path with ``python -I -S`` inside the namespace.
 RELAY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
@@ -146,8 +146,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (NetnsUnavailable, ValueError) as exc:
         sys.stderr.write("agenshield-shim: %s\n" % exc)
         return 2
-    os.execvp(full[0], full)
+    os.execvpe(full[0], full, child_environment(os.environ, args.broker_port))
     return 127  # not reached
+
+
+def child_environment(environ: "Mapping[str, str]", broker_port: int) -> Dict[str, str]:
+    """The command's environment inside the namespace: the proxy variables name the relay.
+
+    Programs that know nothing of the shim (curl, git, uv, npm) find the broker through them; the
+    relay listens on loopback at the broker's port, so the address is the one outside.
+    """
+    from .._boot import NO_PROXY_VARIABLES, proxy_environment
+
+    env = {k: v for k, v in environ.items() if k not in NO_PROXY_VARIABLES}
+    env.update(proxy_environment("127.0.0.1:%d" % broker_port))
+    return env
 
 
 if __name__ == "__main__":

@@ -1,0 +1,300 @@
+"""websockets (15 and later): ``ws://`` and ``wss://`` through the broker's ``CONNECT`` tunnel.
+
+Patches: in ``websockets.asyncio.client``, ``connect`` (subclassed) and ``connect_http_proxy``; in
+``websockets.sync.client``, ``connect``, ``reconnect`` (17+, subclassed) and ``connect_http_proxy``.
+
+Why the library's own proxy support: websockets 15+ connects through an HTTP proxy itself
+(``proxy=True``, the default, reads the proxy environment): it sends ``CONNECT host:port`` and then
+does its own TLS with the real host name inside the tunnel, so ``wss://`` is verified end to end
+with the caller's context. The hook only makes the broker that proxy, whatever the caller passed
+(``proxy=None``, another proxy, an environment changed in-process; the ``proxy_*`` arguments meant
+for that proxy are dropped), and leaves alone what the guard lets through directly (the broker,
+``AGENSHIELD_ALLOW``: no proxy), Unix sockets and a ``sock=`` the caller connected (the guard
+judged that connect). The trio client (17+) has no hook: it honours the proxy environment, which
+the boot points at the broker.
+
+Errors are the library's own types, with ``AgenShield``, the broker and the destination in the
+message:
+
+- a refusal: :class:`BrokerRefusal`, an ``InvalidProxyStatus`` (so a ``ProxyError``, an
+  ``InvalidHandshake``: reconnect loops do not retry it), with the broker's reason, asked with one
+  ``policy_check`` (websockets does not read the body of a proxy's answer);
+- a broker that does not tunnel: under rpc (``AGENSHIELD_TRANSPORT=rpc``, or ``auto`` against the
+  daemon 0.7.2) :class:`TunnelOnlyError`, a ``ProxyError``, before anything is sent; under an
+  explicit ``tunnel``, the same ``not_a_proxy_message`` the other hooks give;
+- the broker down: the ``OSError`` websockets raises, of the same type and errno, with a message
+  that says so (reconnect loops retry it, as they retry any network error).
+
+websockets before 15 has no proxy support: nothing is patched, and the guard refuses its direct
+connections.
+"""
+
+import functools
+from types import ModuleType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Dict, Optional, Tuple
+
+    from .._config import Config
+
+TARGET = "websockets.asyncio.client"
+TARGETS = ("websockets.asyncio.client", "websockets.sync.client")
+
+#: Set at the first install: ``except agenshield_shim.hooks.websockets.TunnelOnlyError``.
+TunnelOnlyError = None  # type: Optional[type]
+BrokerRefusal = None  # type: Optional[type]
+
+_errors = None  # type: Optional[_Errors]
+
+
+def install_asyncio(module: ModuleType) -> None:
+    """Route ``websockets.asyncio.client`` (15+) through the broker (idempotent)."""
+    config = _config_for(module)
+    if config is None:
+        return
+    errors = _errors_for(config)
+    module.connect = _routed_class(module.connect, config)  # type: ignore[attr-defined]
+    original = module.connect_http_proxy  # type: ignore[attr-defined]
+
+    @functools.wraps(original)
+    async def connect_http_proxy(proxy: "Any", ws_uri: "Any", *args: "Any", **kwargs: "Any") -> "Any":
+        if not _is_broker(proxy, config):
+            return await original(proxy, ws_uri, *args, **kwargs)
+        from .._transport import RPC, choose_async
+
+        if await choose_async(config) == RPC:
+            raise errors.tunnel_only_error(ws_uri)
+        try:
+            return await original(proxy, ws_uri, *args, **kwargs)
+        except errors.exceptions.InvalidProxyStatus as exc:
+            reason = None
+            if exc.response.status_code == 403:
+                from .._broker_client import ask_broker_reason
+
+                reason = await ask_broker_reason(config.broker_host, config.broker_port, _destination(ws_uri))
+            raise errors.refusal(exc, ws_uri, reason) from exc
+        except errors.exceptions.InvalidProxyMessage as exc:
+            import asyncio
+
+            better = await asyncio.get_running_loop().run_in_executor(None, errors.not_a_proxy, exc, ws_uri)
+            if better is None:
+                raise
+            raise better from exc
+        except OSError as exc:
+            better = errors.unreachable(exc)
+            if better is exc:
+                raise
+            raise better from exc
+
+    connect_http_proxy.__agenshield_original__ = original  # type: ignore[attr-defined]
+    module.connect_http_proxy = connect_http_proxy  # type: ignore[attr-defined]
+
+
+def install_sync(module: ModuleType) -> None:
+    """Route ``websockets.sync.client`` (15+) through the broker (idempotent)."""
+    config = _config_for(module)
+    if config is None:
+        return
+    errors = _errors_for(config)
+    for name in ("connect", "reconnect"):
+        target = getattr(module, name, None)
+        if isinstance(target, type):
+            setattr(module, name, _routed_class(target, config))
+        elif target is not None:
+            setattr(module, name, _routed_function(target, config))
+    original = module.connect_http_proxy  # type: ignore[attr-defined]
+
+    @functools.wraps(original)
+    def connect_http_proxy(proxy: "Any", ws_uri: "Any", *args: "Any", **kwargs: "Any") -> "Any":
+        if not _is_broker(proxy, config):
+            return original(proxy, ws_uri, *args, **kwargs)
+        from .._transport import RPC, choose
+
+        if choose(config) == RPC:
+            raise errors.tunnel_only_error(ws_uri)
+        try:
+            return original(proxy, ws_uri, *args, **kwargs)
+        except errors.exceptions.InvalidProxyStatus as exc:
+            reason = None
+            if exc.response.status_code == 403:
+                from .._broker_client import ask_broker_reason_sync
+
+                reason = ask_broker_reason_sync(config.broker_host, config.broker_port, _destination(ws_uri))
+            raise errors.refusal(exc, ws_uri, reason) from exc
+        except errors.exceptions.InvalidProxyMessage as exc:
+            better = errors.not_a_proxy(exc, ws_uri)
+            if better is None:
+                raise
+            raise better from exc
+        except OSError as exc:
+            better = errors.unreachable(exc)
+            if better is exc:
+                raise
+            raise better from exc
+
+    connect_http_proxy.__agenshield_original__ = original  # type: ignore[attr-defined]
+    module.connect_http_proxy = connect_http_proxy  # type: ignore[attr-defined]
+
+
+def _config_for(module: ModuleType) -> "Optional[Config]":
+    """The shim's configuration, or None when there is nothing to patch (already done, websockets < 15)."""
+    patched = getattr(module, "connect_http_proxy", None)
+    if patched is None or getattr(patched, "__agenshield_original__", None) is not None:
+        return None
+    from .._boot import active_config
+
+    return active_config()
+
+
+def _route(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]", config: "Config") -> None:
+    """Make the broker the proxy of this connection, unless the guard lets it through directly."""
+    uri = args[0] if args else kwargs.get("uri")
+    if not isinstance(uri, str) or kwargs.get("unix") or kwargs.get("sock") is not None:
+        return
+    from websockets.uri import parse_uri
+
+    try:
+        parsed = parse_uri(uri)
+    except Exception:  # noqa: BLE001 - the library raises its own error for it, unrouted nothing
+        return
+    for key in [key for key in kwargs if key.startswith("proxy_")]:
+        del kwargs[key]  # meant for the caller's proxy, which is not used
+    from . import guard_lets_through
+
+    if guard_lets_through(parsed.host, parsed.port):
+        kwargs["proxy"] = None
+    else:
+        from .._broker_client import broker_url
+
+        kwargs["proxy"] = broker_url(config.broker_host, config.broker_port)
+
+
+def _routed_class(original: type, config: "Config") -> type:
+    if getattr(original, "__agenshield_original__", None) is not None:
+        return original
+
+    def __init__(self: "Any", *args: "Any", **kwargs: "Any") -> None:  # noqa: N807
+        _route(args, kwargs, config)
+        original.__init__(self, *args, **kwargs)  # type: ignore[misc]
+
+    routed = type(original.__name__, (original,), {
+        "__init__": functools.wraps(original.__init__)(__init__),  # type: ignore[misc]
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": original.__doc__,
+        "__agenshield_original__": original,
+    })
+    return routed
+
+
+def _routed_function(original: "Any", config: "Config") -> "Any":
+    if getattr(original, "__agenshield_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def routed(*args: "Any", **kwargs: "Any") -> "Any":
+        _route(args, kwargs, config)
+        return original(*args, **kwargs)
+
+    routed.__agenshield_original__ = original  # type: ignore[attr-defined]
+    return routed
+
+
+def _is_broker(proxy: "Any", config: "Config") -> bool:
+    host = config.broker_host.strip("[]").lower()
+    return getattr(proxy, "scheme", None) == "http" and proxy.host == host and proxy.port == config.broker_port
+
+
+def _destination(ws_uri: "Any") -> str:
+    from .._boot import format_destination
+
+    return format_destination(ws_uri.host, ws_uri.port)
+
+
+def _errors_for(config: "Config") -> "_Errors":
+    global _errors, TunnelOnlyError, BrokerRefusal
+    if _errors is None:
+        import websockets.exceptions
+
+        _errors = _Errors(websockets.exceptions, config)
+        TunnelOnlyError, BrokerRefusal = _errors.tunnel_only, _errors.refused
+    return _errors
+
+
+class _Errors:
+    """Every failure of a routed websocket connection as the library's own exception type."""
+
+    def __init__(self, exceptions: ModuleType, config: "Config") -> None:
+        self.exceptions = exceptions
+        self.config = config
+        self.broker = config.broker
+        self.tunnel_only = type("TunnelOnlyError", (exceptions.ProxyError,), {  # type: ignore[attr-defined]
+            "__module__": __name__,
+            "__doc__": "A websocket needs the broker's CONNECT tunnel, and this broker is used through rpc "
+                       "(AGENSHIELD_TRANSPORT=rpc, or auto against a broker that does not tunnel).",
+        })
+
+        def __init__(self: "Any", response: "Any", message: str) -> None:  # noqa: N807
+            exceptions.InvalidProxyStatus.__init__(self, response)  # type: ignore[attr-defined]
+            self.message = message
+            self.args = (message,)
+
+        self.refused = type("BrokerRefusal", (exceptions.InvalidProxyStatus,), {  # type: ignore[attr-defined]
+            "__module__": __name__,
+            "__doc__": "The broker refused the CONNECT (its policy, or the destination unreachable from it); "
+                       "``response`` is its answer.",
+            "__init__": __init__,
+            "__str__": lambda self: self.message,
+        })
+
+    def tunnel_only_error(self, ws_uri: "Any") -> Exception:
+        from .._wire import TUNNEL_ONLY_HINT
+
+        return self.tunnel_only(  # type: ignore[no-any-return]
+            "AgenShield: the rpc transport cannot carry a websocket (%s): it needs the broker's CONNECT tunnel, "
+            "and the broker at %s is used through rpc; %s" % (_uri_text(ws_uri), self.broker, TUNNEL_ONLY_HINT))
+
+    def refusal(self, exc: "Any", ws_uri: "Any", reason: "Optional[str]") -> Exception:
+        response = exc.response
+        status = response.status_code
+        kind = response.headers.get("X-Proxy-Error", "")
+        from .._transport import NOT_A_PROXY
+
+        if status in NOT_A_PROXY and not kind:  # CONNECT itself is not served: the daemon 0.7.2
+            from .._transport import forget, not_a_proxy_message
+
+            forget(self.config)
+            return self.tunnel_only(not_a_proxy_message(self.broker, status, _destination(ws_uri)))  # type: ignore[no-any-return]
+        detail = "%d %s%s" % (status, response.reason_phrase, " (%s)" % kind if kind else "")
+        if reason:
+            detail += ": " + reason
+        verb = "refused" if status == 403 else "could not open a tunnel to"
+        message = "AgenShield: the broker at %s %s %s (%s)" % (self.broker, verb, _uri_text(ws_uri), detail)
+        return self.refused(response, message)  # type: ignore[no-any-return]
+
+    def not_a_proxy(self, exc: Exception, ws_uri: "Any") -> "Optional[Exception]":
+        """The broker closed the connection on CONNECT: if it is not a proxy at all, say so."""
+        from .._transport import CLOSED, RPC, forget, not_a_proxy_message, probe
+
+        forget(self.config)
+        choice = probe(self.config)
+        if choice is None or choice.transport != RPC:
+            return None
+        return self.tunnel_only(not_a_proxy_message(self.broker, CLOSED, _destination(ws_uri)))  # type: ignore[no-any-return]
+
+    def unreachable(self, exc: OSError) -> OSError:
+        from .. import NetworkBlockedError
+
+        if isinstance(exc, NetworkBlockedError):
+            return exc
+        try:
+            return type(exc)(exc.errno, "AgenShield: the broker at %s cannot be reached (%s); is it running?"
+                             % (self.broker, exc.strerror or exc))
+        except Exception:  # noqa: BLE001 - a subclass with a constructor of its own: keep the original
+            return exc
+
+
+def _uri_text(ws_uri: "Any") -> str:
+    scheme = "wss" if ws_uri.secure else "ws"
+    return "%s://%s%s" % (scheme, _destination(ws_uri), ws_uri.resource_name)
