@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
-PASS, FAIL, SKIP, INFO = "PASS", "FAIL", "SKIP", "INFO"
+PASS, FAIL, SKIP, INFO, WARN = "PASS", "FAIL", "SKIP", "INFO", "WARN"
 TIMEOUT = 2.0  # every network step here is on loopback: anything slower is a failure
 INVALID_NAME = "agenshield-selftest.invalid"  # RFC 6761: never resolves, so a real query proves nothing was refused
 BROKER_EXTRA_HINT = 'pip install "agenshield-shim[broker]"'
@@ -75,6 +75,8 @@ class ShimState:
         self.config: Any = None
         self.locked = False
         self.blocked_error: Tuple[Type[BaseException], ...] = ()
+        self.tunnels: Optional[bool] = None  # does the broker carry CONNECT? (learned by the transport check)
+        self.tunnel_reason = ""
         self._read()
 
     def _read(self) -> None:
@@ -217,6 +219,9 @@ class Upstream:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 hits.append(self.path)
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    _websocket_echo(self, token)
+                    return
                 body = ("%s %s" % (token, self.path)).encode("ascii")
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
@@ -248,6 +253,37 @@ class Upstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _websocket_echo(handler: Any, token: str) -> None:
+    """Accept a websocket (RFC 6455) and answer its first text message with ``TOKEN message``."""
+    import base64
+    import hashlib
+
+    key = handler.headers.get("Sec-WebSocket-Key", "")
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    handler.send_response(101)
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept.decode("ascii"))
+    handler.end_headers()
+    handler.wfile.flush()
+    reader = handler.rfile
+    head = reader.read(2)
+    if len(head) < 2:
+        return
+    length = head[1] & 127
+    if length == 126:
+        length = int.from_bytes(reader.read(2), "big")
+    elif length == 127:
+        length = int.from_bytes(reader.read(8), "big")
+    mask = reader.read(4) if head[1] & 128 else b"\0\0\0\0"
+    data = bytes(b ^ mask[i % 4] for i, b in enumerate(reader.read(length)))
+    answer = ("%s %s" % (token, data.decode("utf-8", "replace"))).encode("utf-8")
+    frame = bytes([0x81, 126]) + len(answer).to_bytes(2, "big") if len(answer) > 125 else bytes([0x81, len(answer)])
+    handler.wfile.write(frame + answer + b"\x88\x02\x03\xe8")  # the answer, then a normal close
+    handler.wfile.flush()
+    handler.close_connection = True
 
 
 class StartedBroker:
@@ -470,7 +506,28 @@ def _get_aiohttp(url: str) -> bytes:
     return asyncio.run(fetch())
 
 
+def _get_httpx2(url: str) -> bytes:
+    import httpx2  # type: ignore[import-not-found]
+
+    with httpx2.Client(timeout=TIMEOUT) as client:  # its defaults: the proxy variables are honoured
+        response = client.get(url)
+        response.raise_for_status()
+        return response.content  # type: ignore[no-any-return]
+
+
+def _get_websockets(url: str) -> bytes:
+    from websockets.sync.client import connect  # type: ignore[import-not-found]
+
+    path = url.split("/", 3)[3]
+    with connect("ws" + url[4:], open_timeout=TIMEOUT, close_timeout=1) as ws:
+        ws.send("/" + path)
+        answer = ws.recv(timeout=TIMEOUT)
+    return answer.encode("utf-8") if isinstance(answer, str) else answer  # type: ignore[no-any-return]
+
+
 FETCHERS: Dict[str, Callable[[str], bytes]] = {
+    "httpx2": _get_httpx2,
+    "websockets": _get_websockets,
     "http.client": _get_http_client,
     "urllib.request": _get_urllib,
     "urllib3": _get_urllib3,
@@ -507,6 +564,144 @@ def check_library(name: str, shim: ShimState, upstream: Optional[Upstream], brok
     if upstream.expect(path, body):
         return Check(label, PASS, "GET %s through the broker at %s" % (upstream.url(path), shim.broker))
     return Check(label, FAIL, "unexpected answer %r" % (body[:80],))
+
+
+# -- the HTTP stacks installed here ---------------------------------------------------------------
+
+HOOK, PROXY_ENV, NATIVE, NONE = "hook", "proxy environment", "native", "none"
+
+#: HTTP stacks looked up by distribution (``importlib.metadata``: nothing is imported), in order:
+#: (distribution, import name, the modules whose hook routes it, how it goes without a hook, the
+#: oldest major version that can be routed, a note). Whether a hook routes it is read from
+#: ``agenshield_shim._boot.HOOKS`` at run time, never assumed: a stack is hooked when the table
+#: registers one of its modules (or any module of its import name).
+STACKS = (
+    ("urllib3", "urllib3", ("http.client",), NONE, 0, ""),
+    ("requests", "requests", ("http.client",), NONE, 0, ""),
+    ("httpx", "httpx", ("httpx",), PROXY_ENV, 0, ""),
+    ("aiohttp", "aiohttp", ("aiohttp",), NONE, 0, "its trust_env is off by default"),
+    ("httpx2", "httpx2", ("httpx2",), PROXY_ENV, 0, ""),
+    ("websockets", "websockets", ("websockets.asyncio.client", "websockets.sync.client"), PROXY_ENV, 15,
+     "proxy support came with websockets 15"),
+    ("niquests", "niquests", (), PROXY_ENV, 0, ""),
+    ("httplib2", "httplib2", (), PROXY_ENV, 0, ""),
+    ("tornado", "tornado", (), NONE, 0, "its default HTTP client has no proxy support"),
+    ("pycurl", "pycurl", (), NATIVE, 0, "libcurl"),
+    ("curl_cffi", "curl_cffi", (), NATIVE, 0, "libcurl (curl-impersonate)"),
+    ("grpcio", "grpc", (), NATIVE, 0, "gRPC's C core"),
+)
+#: Checked (and reported "not installed") as before this listing existed.
+ALWAYS_LISTED = ("urllib3", "requests", "httpx", "aiohttp")
+
+
+def installed_version(distribution: str) -> Optional[str]:
+    """The installed version of a distribution, from its metadata; None when it is not installed."""
+    try:
+        from importlib import metadata
+    except ImportError:  # pragma: no cover - 3.8+ has it
+        return None
+    try:
+        return metadata.version(distribution)
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or metadata too broken to read
+        return None
+
+
+def hooked_modules() -> List[str]:
+    """The modules ``_boot.HOOKS`` registers in the shim of this interpreter (empty without one)."""
+    boot = sys.modules.get("agenshield_shim._boot")
+    return [name for name, _ in getattr(boot, "HOOKS", ())]
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def classify(import_name: str, via: Tuple[str, ...], otherwise: str, version: str, oldest: int,
+             hooked: List[str]) -> str:
+    """HOOK, PROXY_ENV, NATIVE or NONE for one installed stack."""
+    if otherwise == NATIVE:
+        return NATIVE
+    if _major(version) < oldest:
+        return NONE
+    if any(name in via or name.split(".", 1)[0] == import_name for name in hooked):
+        return HOOK
+    return otherwise
+
+
+def check_stack(entry: Tuple[Any, ...], shim: ShimState, upstream: Optional[Upstream], broker_ok: bool,
+                hooked: List[str]) -> Optional[Check]:
+    """One line for an installed stack: how it is routed, checked end to end where it is routed."""
+    distribution, import_name, via, otherwise, oldest, note = entry
+    version = installed_version(distribution)
+    label = "routed: " + distribution
+    if version is None:
+        return Check(label, SKIP, "not installed") if distribution in ALWAYS_LISTED else None
+    how = classify(import_name, via, otherwise, version, oldest, hooked)
+    named = "%s %s" % (distribution, version)
+    if how == NATIVE:
+        return Check(label, WARN, "not routed: %s is native code (%s): its connections are not seen by the guard; "
+                                  "it may follow the proxy variables, and only --sandbox netns confines it" % (named, note))
+    if how == NONE:
+        why = note if note and (oldest == 0 or _major(version) < oldest) else "no hook, and it does not use the proxy variables"
+        return Check(label, FAIL, "not routed: %s (%s): the guard refuses its connections, so its requests fail"
+                                  % (named, why))
+    if how == PROXY_ENV:
+        problem = _proxy_environment_problem(shim)
+        if problem is not None:
+            return Check(label, WARN, "through the proxy environment, which cannot carry it here: %s" % problem)
+        if distribution not in FETCHERS:
+            return Check(label, PASS, "through the proxy environment (%s honours HTTP(S)_PROXY, which name the "
+                                      "broker); not checked end to end here" % named)
+    elif distribution not in FETCHERS:
+        return Check(label, PASS, "by a hook (%s); not checked end to end here" % named)
+    check = check_library(distribution, shim, upstream, broker_ok)
+    check.detail = "%s: %s" % ("by a hook" if how == HOOK else "through the proxy environment", check.detail)
+    return check
+
+
+def proxy_url(shim: ShimState) -> str:
+    return "http://" + shim.broker
+
+
+def _proxy_environment_problem(shim: ShimState) -> Optional[str]:
+    """Why the proxy variables cannot carry traffic to the broker here; None when they can."""
+    boot = sys.modules.get("agenshield_shim._boot")
+    names = getattr(boot, "PROXY_VARIABLES", None)
+    if not names:
+        return "this version of the shim does not set the proxy variables"
+    wrong = [name for name in names if os.environ.get(name) != proxy_url(shim)]
+    if wrong:
+        return "%s is %r, not the broker (%s)" % (wrong[0], os.environ.get(wrong[0]), proxy_url(shim))
+    if shim.tunnels is False:
+        return "the broker at %s does not tunnel (%s)" % (shim.broker, shim.tunnel_reason)
+    return None
+
+
+def check_proxy_environment(shim: ShimState, broker_ok: bool) -> Check:
+    """Do the proxy variables name the broker, and can the broker carry what uses them?"""
+    label = "proxy environment"
+    if not shim.active:
+        return Check(label, SKIP, "the shim is not active")
+    if not broker_ok:
+        return Check(label, SKIP, "no broker to check")
+    if shim.tunnels is None and shim.config is not None:
+        from agenshield_shim import _transport
+
+        choice = _transport.probe(shim.config)
+        if choice is not None:
+            shim.tunnels, shim.tunnel_reason = choice.transport == _transport.TUNNEL, choice.reason
+    problem = _proxy_environment_problem(shim)
+    if problem is None:
+        return Check(label, PASS, "HTTP(S)_PROXY and ALL_PROXY (both cases) and npm's proxy settings name the broker "
+                                  "(%s), NO_PROXY is unset: child processes (curl, git, uv, npm) and libraries "
+                                  "without a hook go through it" % proxy_url(shim))
+    if shim.tunnels is False:
+        return Check(label, WARN, "%s: programs and libraries that use the proxy variables (curl, git, uv, npm, "
+                                  "another environment's pip; libraries without a hook) cannot reach the network "
+                                  "through it; the hooked Python libraries use rpc. Use a broker that tunnels (the "
+                                  "reference broker, the AgenShield daemon 0.7.3+)" % problem)
+    return Check(label, FAIL, problem)
 
 
 def check_routed_request(shim: ShimState, upstream: Optional[Upstream], broker_ok: bool,
@@ -633,14 +828,20 @@ def run(verify: bool = False, fallback_host: str = "localhost", fallback_port: i
         add(Check(label, PASS if broker_ok else FAIL, "%s: %s" % (shim.broker, why)))
         if broker_ok and shim.config is not None:
             add(check_transport(shim))
+        add(check_proxy_environment(shim, broker_ok))
         if broker_ok:
             upstream = Upstream()
             note("loopback upstream on 127.0.0.1:%d (reached only through the broker)" % upstream.port)
         if verify:
             add(check_routed_request(shim, upstream, broker_ok, report.passed("guard:")))
         else:
-            for name in LIBRARIES:
+            for name in ("http.client", "urllib.request"):
                 add(check_library(name, shim, upstream, broker_ok))
+            hooked = hooked_modules()
+            for entry in STACKS:
+                check = check_stack(entry, shim, upstream, broker_ok, hooked)
+                if check is not None:
+                    add(check)
     finally:
         if upstream is not None:
             upstream.close()
@@ -659,6 +860,7 @@ def check_transport(shim: ShimState) -> Check:
     if choice is None:
         return Check("transport", FAIL, "could not learn what the broker at %s serves (no usable answer to ping "
                                         "or CONNECT)" % shim.broker)
+    shim.tunnels, shim.tunnel_reason = choice.transport == _transport.TUNNEL, choice.reason
     if config.transport == "auto":
         shim.transport, shim.transport_reason = choice.transport, "auto: %s" % choice.reason
         return Check("transport", PASS, "%s (%s)" % (choice.transport, shim.transport_reason))
@@ -705,10 +907,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        counts = {s: sum(1 for c in report.checks if c.status == s) for s in (PASS, FAIL, SKIP)}
-        print("%s: %d passed, %d failed, %d skipped in %.2f s" % (
+        counts = {s: sum(1 for c in report.checks if c.status == s) for s in (PASS, FAIL, SKIP, WARN)}
+        print("%s: %d passed, %d failed, %d skipped%s in %.2f s" % (
             "selftest OK" if report.success else "selftest FAILED", counts[PASS], counts[FAIL], counts[SKIP],
-            report.duration,
+            ", %d warnings (WARN lines)" % counts[WARN] if counts[WARN] else "", report.duration,
         ))
     return 0 if report.success else 1
 
