@@ -158,6 +158,9 @@ def ensure_broker(args: argparse.Namespace, host: str, port: int, need_socket: b
         if need_socket and not socket_path:
             raise RunError("--sandbox netns reaches the broker through its Unix socket: set %s for the broker "
                            "running at %s:%d, or stop it and let run start one" % (ENV_BROKER_SOCKET, host, port))
+        warning = tunnel_warning(host, port)
+        if warning:
+            _warn(warning)
         return Broker(host, port, socket_path)
     if host not in _LOOPBACK:
         raise RunError("the configured broker at %s:%d does not answer (%s), and run starts brokers only on "
@@ -167,6 +170,23 @@ def ensure_broker(args: argparse.Namespace, host: str, port: int, need_socket: b
     where = "" if broker.port == port else " (port %d was busy)" % port
     _info("started the reference broker on localhost:%d%s for this command" % (broker.port, where))
     return broker
+
+
+def tunnel_warning(host: str, port: int) -> Optional[str]:
+    """The one warning for a running broker that does not tunnel (the AgenShield daemon 0.7.2), else None.
+
+    COMMAND's proxy variables name the broker; a broker that serves only ``/rpc`` cannot carry
+    what uses them, and curl or git would only say "Empty reply from server".
+    """
+    from . import _transport
+    from ._config import Config
+
+    choice = _transport.probe(Config(broker_host=host, broker_port=port))
+    if choice is None or choice.transport == _transport.TUNNEL:
+        return None
+    return ("the broker at %s:%d does not tunnel (%s): programs that use the proxy variables (curl, git, uv, npm, "
+            "another environment's pip) cannot reach the network through it; guarded Python libraries with a hook "
+            "use rpc" % (host, port, choice.reason))
 
 
 def _python_of(command: List[str]) -> Optional[str]:

@@ -217,3 +217,17 @@ def _free_port() -> int:
     port: int = probe.getsockname()[1]
     probe.close()
     return port
+
+
+def test_run_warns_once_when_the_broker_does_not_tunnel(start_broker: Any, upstream: Any) -> None:
+    """The published daemon's protocol (/health and /rpc only): curl would say only "Empty reply"; run says why."""
+    legacy = start_broker("--compat", "0.7.2")
+    result = subprocess.run(
+        [sys.executable, "-m", "agenshield_shim", "run", "--", "sh", "-c", "echo $HTTPS_PROXY; " +
+         " ".join(_quote(w) for w in _curl(upstream.http_url + "/echo?tag=proxyenv-legacy"))],
+        capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+        env=clean_env(PYTHONPATH=str(ROOT), AGENSHIELD_BROKER_HOST=legacy.host, AGENSHIELD_BROKER_PORT=str(legacy.port)),
+    )
+    assert result.stdout.splitlines()[0] == "http://%s:%d" % (legacy.host, legacy.port), result.stdout
+    assert result.stderr.count("does not tunnel") == 1 and "curl" in result.stderr, result.stderr
+    assert upstream.request_count("proxyenv-legacy") == 0
