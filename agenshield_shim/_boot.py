@@ -571,6 +571,7 @@ HOOKS = (
     ("httpx", "agenshield_shim.hooks.httpx:install"),
     ("websockets.asyncio.client", "agenshield_shim.hooks.websockets:install_asyncio"),
     ("websockets.sync.client", "agenshield_shim.hooks.websockets:install_sync"),
+    ("websockets.legacy.client", "agenshield_shim.hooks.websockets:install_legacy"),
 )
 
 # -- the proxy environment ----------------------------------------------------------------------

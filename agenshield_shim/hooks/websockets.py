@@ -1,7 +1,8 @@
 """websockets (15 and later): ``ws://`` and ``wss://`` through the broker's ``CONNECT`` tunnel.
 
 Patches: in ``websockets.asyncio.client``, ``connect`` (subclassed) and ``connect_http_proxy``; in
-``websockets.sync.client``, ``connect``, ``reconnect`` (17+, subclassed) and ``connect_http_proxy``.
+``websockets.sync.client``, ``connect``, ``reconnect`` (17+, subclassed) and ``connect_http_proxy``;
+in ``websockets.legacy.client`` (``websockets.connect`` before 14, deprecated since), ``Connect.__init__``.
 
 Why the library's own proxy support: websockets 15+ connects through an HTTP proxy itself
 (``proxy=True``, the default, reads the proxy environment): it sends ``CONNECT host:port`` and then
@@ -25,8 +26,9 @@ message:
 - the broker down: the ``OSError`` websockets raises, of the same type and errno, with a message
   that says so (reconnect loops retry it, as they retry any network error).
 
-websockets before 15 has no proxy support: nothing is patched, and the guard refuses its direct
-connections.
+The legacy client has no proxy support at all: :func:`install_legacy` opens the tunnel itself.
+websockets 13 and 14's new clients (``websockets.asyncio``, ``websockets.sync``) have none either and
+are not patched: the guard refuses their direct connections.
 """
 
 import functools
@@ -137,6 +139,129 @@ def install_sync(module: ModuleType) -> None:
     module.connect_http_proxy = connect_http_proxy  # type: ignore[attr-defined]
 
 
+def install_legacy(module: ModuleType) -> None:
+    """Route ``websockets.legacy.client`` (``websockets.connect`` before 14) through the broker (idempotent).
+
+    The legacy client has no proxy support, so the hook opens the tunnel itself: the ``create_connection``
+    it prepares (a ``functools.partial`` of ``loop.create_connection(factory, host, port, ...)``,
+    which it also rebuilds for redirects) gets a function of the same signature that asks the broker
+    for ``CONNECT host:port`` and hands the connected socket to ``loop.create_connection(sock=...)``,
+    with the caller's TLS settings and the real host name.
+    """
+    connect = getattr(module, "Connect", None)
+    if connect is None or getattr(connect.__init__, "__agenshield_original__", None) is not None:
+        return
+    from .._boot import active_config
+
+    config = active_config()
+    if config is None:
+        return
+    errors = _errors_for(config)
+    original_init = connect.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: "Any", *args: "Any", **kwargs: "Any") -> None:  # noqa: N807
+        original_init(self, *args, **kwargs)
+        partial = getattr(self, "_create_connection", None)
+        func = getattr(partial, "func", None)
+        if func is None or getattr(func, "__name__", "") != "create_connection":
+            return  # a Unix socket: nothing to route
+        routed = _legacy_create_connection(func, config, errors)
+        self._create_connection = functools.partial(routed, *partial.args, **partial.keywords)
+
+    __init__.__agenshield_original__ = original_init  # type: ignore[attr-defined]
+    connect.__init__ = __init__
+
+
+def _legacy_create_connection(create_connection: "Any", config: "Config", errors: "_Errors") -> "Any":
+    async def routed(factory: "Any", host: "Any" = None, port: "Any" = None, **kwargs: "Any") -> "Any":
+        from . import guard_lets_through
+
+        if kwargs.get("sock") is not None or host is None or guard_lets_through(host, port):
+            return await create_connection(factory, host, port, **kwargs)
+        from .._transport import RPC, choose_async
+
+        target = _Target(host, port, bool(kwargs.get("ssl")))
+        if await choose_async(config) == RPC:
+            raise errors.tunnel_only_error(target)
+        sock = await _open_tunnel(config, errors, target)
+        if kwargs.get("ssl"):
+            kwargs.setdefault("server_hostname", host)
+        for key in ("local_addr", "family", "proto", "flags", "happy_eyeballs_delay", "interleave", "all_errors"):
+            kwargs.pop(key, None)
+        try:
+            return await create_connection(factory, sock=sock, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
+
+    routed.__name__ = "create_connection"
+    return routed
+
+
+class _Target:
+    """What the messages need of a destination (the shape of websockets' ``WebSocketURI``)."""
+
+    def __init__(self, host: str, port: int, secure: bool) -> None:
+        self.host = host
+        self.port = port
+        self.secure = secure
+        self.resource_name = "/"
+
+
+async def _open_tunnel(config: "Config", errors: "_Errors", target: "_Target") -> "Any":
+    """A non-blocking socket through which the broker has connected to ``target`` (``CONNECT``)."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    destination = _destination(target)
+    request = ("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (destination, destination)).encode("ascii")
+    sock = None
+    try:
+        infos = await loop.getaddrinfo(config.broker_host, config.broker_port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, request)
+        answer = b""
+        while b"\r\n\r\n" not in answer and len(answer) < 65536:
+            chunk = await loop.sock_recv(sock, 1)  # byte by byte: nothing after the head is ours
+            if not chunk:
+                break
+            answer += chunk
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        better = errors.unreachable(exc)
+        if better is exc:
+            raise
+        raise better from exc
+    status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) >= 2 and parts[1] == "200":
+        return sock
+    sock.close()
+    if not answer:
+        from .._transport import CLOSED, not_a_proxy_message
+
+        raise errors.tunnel_only(not_a_proxy_message(errors.broker, CLOSED, destination))
+    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    headers = {}
+    for line in answer.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    reason = None
+    if status == 403:
+        from .._broker_client import ask_broker_reason
+
+        reason = await ask_broker_reason(config.broker_host, config.broker_port, destination)
+    raise errors.legacy_refusal(status, parts[2] if len(parts) > 2 else "", headers.get("x-proxy-error", ""),
+                                target, reason)
+
+
 def _config_for(module: ModuleType) -> "Optional[Config]":
     """The shim's configuration, or None when there is nothing to patch (already done, websockets < 15)."""
     patched = getattr(module, "connect_http_proxy", None)
@@ -229,18 +354,30 @@ class _Errors:
         self.exceptions = exceptions
         self.config = config
         self.broker = config.broker
-        self.tunnel_only = type("TunnelOnlyError", (exceptions.ProxyError,), {  # type: ignore[attr-defined]
+        # ProxyError and InvalidProxyStatus came with websockets 15; before, their common base
+        self.proxy_error = getattr(exceptions, "ProxyError", exceptions.InvalidHandshake)  # type: ignore[attr-defined]
+        self.tunnel_only = type("TunnelOnlyError", (self.proxy_error,), {
             "__module__": __name__,
             "__doc__": "A websocket needs the broker's CONNECT tunnel, and this broker is used through rpc "
                        "(AGENSHIELD_TRANSPORT=rpc, or auto against a broker that does not tunnel).",
         })
 
-        def __init__(self: "Any", response: "Any", message: str) -> None:  # noqa: N807
-            exceptions.InvalidProxyStatus.__init__(self, response)  # type: ignore[attr-defined]
-            self.message = message
-            self.args = (message,)
+        # InvalidProxyStatus(response) when there is one; before 15 the message is all there is
+        status_error = getattr(exceptions, "InvalidProxyStatus", None)
+        message_only = status_error is None
+        if status_error is None:
+            status_error = self.proxy_error
 
-        self.refused = type("BrokerRefusal", (exceptions.InvalidProxyStatus,), {  # type: ignore[attr-defined]
+        def __init__(error: "Any", response: "Any", message: str) -> None:  # noqa: N807
+            if message_only:
+                status_error.__init__(error, message)
+                error.response = response
+            else:
+                status_error.__init__(error, response)
+            error.message = message
+            error.args = (message,)
+
+        self.refused = type("BrokerRefusal", (status_error,), {
             "__module__": __name__,
             "__doc__": "The broker refused the CONNECT (its policy, or the destination unreachable from it); "
                        "``response`` is its answer.",
@@ -271,6 +408,30 @@ class _Errors:
             detail += ": " + reason
         verb = "refused" if status == 403 else "could not open a tunnel to"
         message = "AgenShield: the broker at %s %s %s (%s)" % (self.broker, verb, _uri_text(ws_uri), detail)
+        return self.refused(response, message)  # type: ignore[no-any-return]
+
+    def legacy_refusal(self, status: int, phrase: str, kind: str, target: "Any", reason: "Optional[str]") -> Exception:
+        """The legacy client's refusal: the same message; a websockets ``Response`` where the type wants one."""
+        from .._transport import NOT_A_PROXY
+
+        response = None
+        try:
+            from websockets.datastructures import Headers
+            from websockets.http11 import Response
+
+            response = Response(status, phrase, Headers([("X-Proxy-Error", kind)] if kind else []), b"")
+        except (ImportError, TypeError):
+            pass
+        if status in NOT_A_PROXY and not kind:
+            from .._transport import forget, not_a_proxy_message
+
+            forget(self.config)
+            return self.tunnel_only(not_a_proxy_message(self.broker, status, _destination(target)))  # type: ignore[no-any-return]
+        detail = "%d %s%s" % (status, phrase, " (%s)" % kind if kind else "")
+        if reason:
+            detail += ": " + reason
+        verb = "refused" if status == 403 else "could not open a tunnel to"
+        message = "AgenShield: the broker at %s %s %s (%s)" % (self.broker, verb, _uri_text(target), detail)
         return self.refused(response, message)  # type: ignore[no-any-return]
 
     def not_a_proxy(self, exc: Exception, ws_uri: "Any") -> "Optional[Exception]":

@@ -7,8 +7,9 @@ connection); TLS end to end by a ``wss://`` connection that a wrong CA fails. we
 (the newest for Python 3.8 is 13.1) has no proxy support: there the guard's refusal is the answer.
 """
 
+import hashlib
 import textwrap
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import pytest
 
@@ -54,6 +55,14 @@ SUITE = PRELUDE + textwrap.dedent(
         await rec("async:proxy_other", lambda: async_echo(connect, WS, "other proxy", proxy="http://127.0.0.1:9"))
         await rec("async:wrong_ca", lambda: async_echo(connect, WSS, "x", ssl=WRONG))
         await rec("async:refused", lambda: async_echo(connect, P["refused_url"], "x"))
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated since websockets 14
+            from websockets.legacy.client import connect as legacy
+        await rec("legacy:ws", lambda: async_echo(legacy, WS, "hello legacy"))
+        await rec("legacy:wss", lambda: async_echo(legacy, WSS, "hello legacy tls", ssl=CTX))
+        await rec("legacy:wrong_ca", lambda: async_echo(legacy, WSS, "x", ssl=WRONG))
+        await rec("legacy:refused", lambda: async_echo(legacy, P["refused_url"], "x"))
     asyncio.run(main())
     done()
     '''
@@ -79,40 +88,49 @@ def test_websockets_routed_through_the_broker(ws_env: ShimEnv, broker: Any, upst
     mark = broker.mark()
     results = _run(ws_env, broker, upstream)
     if tuple(map(int, ws_env.version.split("."))) >= (3, 10):
-        assert _modern(results), value(results, "version")  # the routed path is exercised here
-    if not _modern(results):  # websockets 13/14: no proxy support, so the guard refuses, clearly
-        for name in ("sync:ws", "async:ws"):
-            entry = error(results, name)
-            assert "AgenShield" in entry["message"] and "blocked" in entry["message"], entry
-        return
-    assert value(results, "sync:ws") == "hello sync"
-    assert value(results, "sync:wss") == "hello sync tls"
-    assert value(results, "sync:binary") == __import__("hashlib").sha256(bytes(range(256)) * 40).hexdigest()
-    assert value(results, "sync:proxy_none") == "no proxy asked"
-    assert value(results, "async:ws") == "hello async"
-    assert value(results, "async:wss") == "hello async tls"
-    assert value(results, "async:top_level") == "top level"
-    assert value(results, "async:proxy_other") == "other proxy"
+        assert _modern(results), value(results, "version")  # the proxy-based path is exercised here
+    # the legacy client (websockets.connect before 14): the hook opens the tunnel itself
+    assert value(results, "legacy:ws") == "hello legacy"
+    assert value(results, "legacy:wss") == "hello legacy tls"
+    wrong_ca = ["legacy:wrong_ca"]
+    if not _modern(results):  # 13/14: the new clients have no proxy support, so the guard refuses them
+        entry = error(results, "sync:ws")
+        assert "AgenShield" in entry["message"] and "blocked" in entry["message"], entry
+        assert value(results, "async:ws") == "hello async"  # websockets.connect is the legacy client there
+    else:
+        assert value(results, "sync:ws") == "hello sync"
+        assert value(results, "sync:wss") == "hello sync tls"
+        assert value(results, "sync:binary") == hashlib.sha256(bytes(range(256)) * 40).hexdigest()
+        assert value(results, "sync:proxy_none") == "no proxy asked"
+        assert value(results, "async:ws") == "hello async"
+        assert value(results, "async:wss") == "hello async tls"
+        assert value(results, "async:top_level") == "top level"
+        assert value(results, "async:proxy_other") == "other proxy"
+        wrong_ca += ["sync:wrong_ca", "async:wrong_ca"]
+        # every connection went through the broker's tunnel: 7 to the plain port, 3 (+3 failed TLS) to the TLS port
+        plain = broker.connects("127.0.0.1:%d" % upstream.http_port, mark)
+        tls = broker.connects("localhost:%d" % upstream.https_port, mark)
+        assert len(plain) == 7, broker.audit(mark)
+        assert len(tls) == 6, broker.audit(mark)
+        assert all(e["allowed"] is True for e in plain + tls), plain + tls
     # TLS is the client's own, end to end: a CA that did not sign the upstream's certificate fails
-    for name in ("sync:wrong_ca", "async:wrong_ca"):
+    for name in wrong_ca:
         entry = error(results, name)
         assert "CERTIFICATE_VERIFY_FAILED" in entry["message"] or "certificate verify failed" in entry["message"], entry
-    # every connection went through the broker's tunnel: 6 to the plain port, 2 (+2 failed TLS) to the TLS port
-    plain = broker.connects("127.0.0.1:%d" % upstream.http_port, mark)
-    tls = broker.connects("localhost:%d" % upstream.https_port, mark)
-    assert len(plain) == 6, broker.audit(mark)
-    assert len(tls) == 4, broker.audit(mark)
-    assert all(e["allowed"] is True for e in plain + tls), plain + tls
+    assert broker.connects("localhost:%d" % upstream.https_port, mark)
+
+
+def _routed_names(results: Dict[str, Any]) -> Tuple[str, ...]:
+    return ("sync:", "async:", "legacy:") if _modern(results) else ("legacy:",)
 
 
 def test_websockets_refusal_names_agenshield_and_the_reason(ws_env: ShimEnv, deny_broker: Any, upstream: Any) -> None:
     results = _run(ws_env, deny_broker, upstream, refused_url="ws://127.0.0.1:%d/ws" % upstream.http_port)
-    if not _modern(results):
-        pytest.skip("websockets %s has no proxy support: nothing to route (the guard refuses it)" % value(results, "version"))
-    for name in ("sync:refused", "async:refused"):
-        entry = error(results, name)
+    for prefix in _routed_names(results):
+        entry = error(results, prefix + "refused")
         assert entry["error"] == "BrokerRefusal", entry
-        assert "websockets.exceptions.InvalidProxyStatus" in entry["mro"], entry
+        base = "InvalidProxyStatus" if _modern(results) else "InvalidHandshake"
+        assert "websockets.exceptions." + base in entry["mro"], entry
         assert "AgenShield" in entry["message"] and "403" in entry["message"], entry
         assert "deny-upstream" in entry["message"], entry  # the broker's reason: its rule
         assert entry["elapsed"] < 1.0, entry
@@ -120,22 +138,19 @@ def test_websockets_refusal_names_agenshield_and_the_reason(ws_env: ShimEnv, den
 
 def test_websockets_under_rpc_is_a_clear_tunnel_only_error(ws_env: ShimEnv, rpc_broker: Any, upstream: Any) -> None:
     results = _run(ws_env, rpc_broker, upstream, extra_env={"AGENSHIELD_TRANSPORT": "rpc"})
-    if not _modern(results):
-        pytest.skip("websockets %s has no proxy support: nothing to route (the guard refuses it)" % value(results, "version"))
-    for name in ("sync:ws", "async:ws", "async:wss"):
+    names = ("sync:ws", "async:ws", "async:wss", "legacy:ws") if _modern(results) else ("legacy:ws", "legacy:wss")
+    for name in names:
         entry = error(results, name)
         assert entry["error"] == "TunnelOnlyError", entry
-        assert "websockets.exceptions.ProxyError" in entry["mro"], entry
+        assert "websockets.exceptions.InvalidHandshake" in entry["mro"], entry
         assert "AgenShield" in entry["message"] and "tunnel" in entry["message"], entry
 
 
 def test_websockets_broker_down_says_so(ws_env: ShimEnv, broker: Any, upstream: Any, dead_broker_port: int) -> None:
     results = _run(ws_env, broker, upstream, extra_env={"AGENSHIELD_BROKER_PORT": str(dead_broker_port)})
-    if not _modern(results):
-        pytest.skip("websockets %s has no proxy support" % value(results, "version"))
-    for name in ("sync:ws", "async:ws"):
+    names = ("sync:ws", "async:ws", "legacy:ws") if _modern(results) else ("legacy:ws",)
+    for name in names:
         entry = error(results, name)
         assert "builtins.OSError" in entry["mro"], entry
         assert "AgenShield" in entry["message"] and str(dead_broker_port) in entry["message"], entry
         assert entry["elapsed"] < 2.0, entry
-
