@@ -691,6 +691,9 @@ def check_proxy_environment(shim: ShimState, broker_ok: bool) -> Check:
         choice = _transport.probe(shim.config)
         if choice is not None:
             shim.tunnels, shim.tunnel_reason = choice.transport == _transport.TUNNEL, choice.reason
+    boot = sys.modules.get("agenshield_shim._boot")
+    if not getattr(boot, "PROXY_VARIABLES", None):
+        return Check(label, SKIP, "agenshield-shim %s does not set the proxy variables (a later version does)" % shim.version)
     problem = _proxy_environment_problem(shim)
     if problem is None:
         return Check(label, PASS, "HTTP(S)_PROXY and ALL_PROXY (both cases) and npm's proxy settings name the broker "
