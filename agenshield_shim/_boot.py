@@ -582,7 +582,7 @@ HOOKS = (
 # at boot, not where children start: libraries in this process (and libcurl, grpc) read them at
 # any time, and an exec path that is not patched would miss them. A proxy the application had set
 # is replaced (the guard would refuse it, and a child would use it to go around the broker), and
-# NO_PROXY/no_proxy are removed (a child would connect directly to what they list).
+# NO_PROXY/no_proxy hold only AGENSHIELD_ALLOW (a child would connect directly to what they list).
 
 #: Set to ``http://BROKER`` (README: the proxy environment); npm's own settings beat HTTP(S)_PROXY.
 PROXY_VARIABLES = (
@@ -598,27 +598,44 @@ def proxy_environment(broker: str) -> "Dict[str, str]":
     return {name: url for name in PROXY_VARIABLES}
 
 
-def set_proxy_environment(environ: "Any", broker: str) -> None:
-    """Point this process's proxy variables (and so its children's) at the broker; drop NO_PROXY.
+def no_proxy_value(allow: "Tuple[Tuple[str, int], ...]") -> str:
+    """``NO_PROXY`` for ``AGENSHIELD_ALLOW``: exactly the ``host:port`` pairs the guard lets through directly.
+
+    Python's libraries (urllib, requests, httpx) then reach them directly, as they did before the
+    proxy variables; a program that ignores ports in NO_PROXY (curl) sends them to the broker.
+    """
+    return ",".join(("[%s]:%d" if ":" in host else "%s:%d") % (host, port) for host, port in allow)
+
+
+def set_proxy_environment(environ: "Any", broker: str, allow: "Tuple[Tuple[str, int], ...]" = ()) -> None:
+    """Point this process's proxy variables (and so its children's) at the broker; NO_PROXY holds
+    only ``AGENSHIELD_ALLOW`` (what the guard lets through anyway), or is removed.
 
     Compares ``os.environ``'s own store first, so a child that inherited them sets nothing (each
     ``os.environ`` assignment is a ``putenv`` and an audit event).
     """
     url = "http://" + broker
+    bypass = no_proxy_value(allow) if allow else None
     data = getattr(environ, "_data", None)
     encode = getattr(environ, "encodekey", None)
     if type(data) is not dict or encode is None:  # pragma: no cover - not CPython's os.environ
         for name in PROXY_VARIABLES:
             environ[name] = url
         for name in NO_PROXY_VARIABLES:
-            environ.pop(name, None)
+            if bypass is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = bypass
         return
     wanted = environ.encodevalue(url)
     for name in PROXY_VARIABLES:
         if data.get(encode(name)) != wanted:
             environ[name] = url
     for name in NO_PROXY_VARIABLES:
-        if encode(name) in data:
+        if bypass is not None:
+            if data.get(encode(name)) != environ.encodevalue(bypass):
+                environ[name] = bypass
+        elif encode(name) in data:
             del environ[name]
 
 
@@ -677,7 +694,7 @@ def boot() -> None:
     install(policy, _report)
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
-    set_proxy_environment(environ, policy[BROKER])
+    set_proxy_environment(environ, policy[BROKER], _config_object.allow if _config_object is not None else ())
 
 
 def active_config() -> "Optional[Config]":

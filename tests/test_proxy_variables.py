@@ -50,6 +50,17 @@ def test_boot_on_a_mapping_without_a_store() -> None:
     assert env == dict(_boot.proxy_environment("127.0.0.1:6969"), OTHER="kept")
 
 
+def test_no_proxy_holds_exactly_what_the_guard_allows(clean_proxies: None) -> None:
+    os.environ["NO_PROXY"] = "*"
+    _boot.set_proxy_environment(os.environ, "localhost:7001", (("db.local", 5432), ("::1", 8080)))
+    assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "db.local:5432,[::1]:8080"
+    import urllib.request
+
+    assert urllib.request.proxy_bypass_environment("db.local:5432")  # Python's libraries go direct there
+    assert not urllib.request.proxy_bypass_environment("db.local:5433")
+    assert not urllib.request.proxy_bypass_environment("example.com:443")
+
+
 def test_run_gives_command_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "*")
     monkeypatch.setenv("HTTPS_PROXY", "http://elsewhere:1")

@@ -321,7 +321,11 @@ def _plan(conn: Any) -> Optional[_Route]:
         return None
     tunnel_host = getattr(conn, "_tunnel_host", None)  # set_tunnel / a tunnelling proxy: the broker replaces it
     host, port = conn.host, conn.port
-    if not tunnel_host and guard_lets_through(host, port):  # the broker itself, or what the guard lets through
+    # The broker itself, or what the guard lets through, is left alone; but not the broker used as a
+    # forwarding proxy (absolute-form requests: HTTP_PROXY names the broker in a guarded interpreter),
+    # which is routed like any application proxy, so that rpc and the refusals are the same.
+    forwarding = conn.__dict__.get(_ABSOLUTE) is not None
+    if not tunnel_host and not forwarding and guard_lets_through(host, port):
         return None
     transport = config.transport
     if transport == "auto":

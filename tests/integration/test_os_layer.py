@@ -151,8 +151,8 @@ curl, outside, upstream, broker = sys.argv[1:5]
 def curl_code(*args):
     r = subprocess.run([curl, "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", *args], capture_output=True, text=True)
     return "%d:%s" % (r.returncode, r.stdout)
-print(curl_code(outside))                  # a listener outside
-print(curl_code(upstream))                 # the upstream, directly
+print(curl_code("--noproxy", "*", outside))   # a listener outside (directly: the proxy variables name the broker)
+print(curl_code("--noproxy", "*", upstream))  # the upstream, directly
 print(curl_code("-x", broker, upstream))   # the upstream, through the broker (the relay)
 """
     upstream_url = "%s/echo?tag=%s" % (upstream.http_url, tag)  # type: ignore[attr-defined]
