@@ -572,6 +572,7 @@ HOOKS = (
     ("websockets.asyncio.client", "agenshield_shim.hooks.websockets:install_asyncio"),
     ("websockets.sync.client", "agenshield_shim.hooks.websockets:install_sync"),
     ("websockets.legacy.client", "agenshield_shim.hooks.websockets:install_legacy"),
+    ("urllib.request", "agenshield_shim.hooks.proxy_env:install"),
 )
 
 # -- the proxy environment ----------------------------------------------------------------------

@@ -673,6 +673,11 @@ def _proxy_environment_problem(shim: ShimState) -> Optional[str]:
     wrong = [name for name in names if os.environ.get(name) != proxy_url(shim)]
     if wrong:
         return "%s is %r, not the broker (%s)" % (wrong[0], os.environ.get(wrong[0]), proxy_url(shim))
+    allow = getattr(shim.config, "allow", ())
+    bypass = boot.no_proxy_value(allow) if allow and hasattr(boot, "no_proxy_value") else None
+    for name in getattr(boot, "NO_PROXY_VARIABLES", ()):
+        if os.environ.get(name) != bypass:
+            return "%s is %r: it opens direct paths beyond AGENSHIELD_ALLOW (%r)" % (name, os.environ.get(name), bypass)
     if shim.tunnels is False:
         return "the broker at %s does not tunnel (%s)" % (shim.broker, shim.tunnel_reason)
     return None
@@ -697,8 +702,8 @@ def check_proxy_environment(shim: ShimState, broker_ok: bool) -> Check:
     problem = _proxy_environment_problem(shim)
     if problem is None:
         return Check(label, PASS, "HTTP(S)_PROXY and ALL_PROXY (both cases) and npm's proxy settings name the broker "
-                                  "(%s), NO_PROXY is unset: child processes (curl, git, uv, npm) and libraries "
-                                  "without a hook go through it" % proxy_url(shim))
+                                  "(%s), NO_PROXY holds nothing beyond AGENSHIELD_ALLOW: child processes (curl, git, uv, "
+                                  "npm) and libraries without a hook go through it" % proxy_url(shim))
     if shim.tunnels is False:
         return Check(label, WARN, "%s: programs and libraries that use the proxy variables (curl, git, uv, npm, "
                                   "another environment's pip; libraries without a hook) cannot reach the network "
