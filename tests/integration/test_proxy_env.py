@@ -231,3 +231,17 @@ def test_run_warns_once_when_the_broker_does_not_tunnel(start_broker: Any, upstr
     assert result.stdout.splitlines()[0] == "http://%s:%d" % (legacy.host, legacy.port), result.stdout
     assert result.stderr.count("does not tunnel") == 1 and "curl" in result.stderr, result.stderr
     assert upstream.request_count("proxyenv-legacy") == 0
+
+
+def test_hooked_libraries_do_not_see_the_broker_as_their_proxy(agent: ShimEnv, broker: Any) -> None:
+    """urllib's ProxyHandler (a hook routes urllib) gets no proxy; a library without a hook gets the broker."""
+    code = ("import json, urllib.request; print(json.dumps([urllib.request.ProxyHandler().proxies, "
+            "urllib.request.getproxies()]))")
+    result = agent.run(code, env=dict(broker.env, AGENSHIELD_ALLOW="127.0.0.1:5432"))
+    assert result.returncode == 0, result.stderr
+    handler, unknown = json.loads(result.stdout)
+    url = "http://127.0.0.1:%d" % broker.port
+    assert handler == {"no": "127.0.0.1:5432"}, handler
+    # (npm_config_proxy reads as a scheme "npm_config" to urllib: harmless, no URL has that scheme)
+    assert {k: unknown[k] for k in ("http", "https", "all", "no")} == {"http": url, "https": url, "all": url,
+                                                                       "no": "127.0.0.1:5432"}, unknown
