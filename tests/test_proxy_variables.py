@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,10 +19,16 @@ NAMES = _boot.PROXY_VARIABLES + _boot.NO_PROXY_VARIABLES
 
 
 @pytest.fixture
-def clean_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process's proxy variables are restored after the test (the boot writes os.environ)."""
-    for name in NAMES:
-        monkeypatch.delenv(name, raising=False)
+def clean_proxies() -> Iterator[None]:
+    """This process's proxy variables, restored after the test (the boot writes os.environ; a
+    variable left behind would send every later test's urllib to a proxy)."""
+    saved = {name: os.environ.pop(name) for name in NAMES if name in os.environ}
+    try:
+        yield
+    finally:
+        for name in NAMES:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
 
 
 def test_every_standard_name_both_cases_and_npm() -> None:
@@ -83,3 +90,8 @@ def test_wrapper_writes_them_and_reserves_them(tmp_path: Path) -> None:
     with pytest.raises(wrapper.WrapperError, match="proxy variables point at the broker"):
         wrapper.generate_python_wrapper(os.path.realpath(sys.executable), str(out), sandbox="none",
                                         env={"HTTP_PROXY": "http://x:1"})
+
+
+def test_the_fixture_leaves_nothing_behind() -> None:
+    """Runs after the tests above in this file: none of them left a proxy variable set."""
+    assert not [name for name in NAMES if os.environ.get(name, "").startswith("http://localhost:700")]
