@@ -569,6 +569,7 @@ HOOKS = (
     ("http.client", "agenshield_shim.hooks.http_client:install"),
     ("aiohttp", "agenshield_shim.hooks.aiohttp:install"),
     ("httpx", "agenshield_shim.hooks.httpx:install"),
+    ("httpx2", "agenshield_shim.hooks.httpx:install"),  # the maintained fork, its own module names
 )
 
 

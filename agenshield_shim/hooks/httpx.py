@@ -196,6 +196,14 @@ class _Errors:
         message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(request.url), why)
         return self.module.ProxyError(message, request=request)  # type: ignore[no-any-return]
 
+    def refusal(self, request: Any, why: str, explained: Optional[str] = None) -> Any:
+        """A policy refusal (the broker's 403) as :func:`refusal_response`; anything else the
+        broker could not do (502: the upstream unreachable; not a proxy at all) raised."""
+        exc = self.refused(request, why, explained)
+        if not why.startswith("403"):
+            raise exc
+        return refusal_response(self.module, str(exc))
+
     def policy_target(self, request: Any, why: str) -> Optional[str]:
         """What to ask ``policy_check`` about a refusal: only a 403 can be the policy's."""
         if not why.startswith("403"):
@@ -309,7 +317,7 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[
             if better is None:
                 raise
             if better is exc:  # refused: httpcore says "<status> <reason>"
-                raise errors.refused(request, str(exc), errors.explain_sync(request, str(exc))) from exc
+                return errors.refusal(request, str(exc), errors.explain_sync(request, str(exc)))
             raise better from exc
         suspect = errors.suspect(request, response)
         if suspect is None:
@@ -324,12 +332,12 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[
             if explained is None:
                 return response  # the policy allows the URL: the upstream's own 403
             response.close()
-            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
+            return errors.refusal(request, "403 Blocked by AgenShield URL policy", explained)
         body = _read_sync(response)
         if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
-        raise errors.refused(request, why, errors.explain_sync(request, why))
+        return errors.refusal(request, why, errors.explain_sync(request, why))
 
     handle_request.__agenshield_original__ = original  # type: ignore[attr-defined]
     return handle_request
@@ -350,7 +358,7 @@ def _async_handler(original: Callable[..., Any], errors: _Errors, auto: Optional
                 raise
             if better is exc:  # refused: httpcore says "<status> <reason>"
                 explained = await errors.explain_async(request, str(exc))
-                raise errors.refused(request, str(exc), explained) from exc
+                return errors.refusal(request, str(exc), explained)
             raise better from exc
         suspect = errors.suspect(request, response)
         if suspect is None:
@@ -365,12 +373,12 @@ def _async_handler(original: Callable[..., Any], errors: _Errors, auto: Optional
             if explained is None:
                 return response  # the policy allows the URL: the upstream's own 403
             await response.aclose()
-            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
+            return errors.refusal(request, "403 Blocked by AgenShield URL policy", explained)
         body = await _read_async(response)
         if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
-        raise errors.refused(request, why, await errors.explain_async(request, why))
+        return errors.refusal(request, why, await errors.explain_async(request, why))
 
     handle_async_request.__agenshield_original__ = original  # type: ignore[attr-defined]
     return handle_async_request
@@ -405,6 +413,29 @@ async def _read_async(response: Any) -> bytes:
     finally:
         await response.stream.aclose()
     return b"".join(chunks)
+
+
+def refusal_response(module: ModuleType, message: str) -> Any:
+    """The broker's policy refusal as the answer a refusing HTTP proxy gives: a ``403``.
+
+    Not an exception, because every SDK built on httpx/httpx2 (openai, anthropic, huggingface_hub,
+    mcp, google-genai) retries a transport exception as a connection error, with back-off (openai
+    1.1-1.5 s, huggingface_hub 23 s), and then reports "Connection error"; a 403 is retried by none
+    of them and raised at once as their own status error (``PermissionDeniedError``, ...), whose
+    message carries this body. ``x-should-retry: false`` says the same to the Stainless SDKs.
+    ``message`` (it names AgenShield, the destination and the broker's reason) is the reason
+    phrase, so ``raise_for_status()`` shows it, and the JSON body's ``error.message``, which is
+    where API SDKs look; ``X-AgenShield-Refused: 1`` marks the answer as the shim's.
+    """
+    import json
+
+    body = json.dumps({"error": {"message": message, "type": "agenshield_refused", "code": "blocked-by-policy"}})
+    return module.Response(
+        status_code=403,
+        headers=[(b"Content-Type", b"application/json"), (b"X-Should-Retry", b"false"), (b"X-AgenShield-Refused", b"1")],
+        content=body.encode("ascii"),
+        extensions={"http_version": b"HTTP/1.1", "reason_phrase": message.encode("ascii", "replace")},
+    )
 
 
 def _replay(module: ModuleType, response: Any, body: bytes) -> Any:
