@@ -299,7 +299,7 @@ class _Errors:
     def refusal_reason(self, response: Any, body: bytes) -> str:
         kind = response.headers.get("x-proxy-error")
         text = body.decode("utf-8", "replace").strip()
-        why = "%d %s" % (response.status_code, text)
+        why = "%d %s" % (response.status_code, text) if text else str(response.status_code)  # HEAD: no body
         return "%s, %s" % (why, kind) if kind else why
 
 
@@ -415,6 +415,10 @@ async def _read_async(response: Any) -> bytes:
     return b"".join(chunks)
 
 
+#: ``error.code`` of a refusal's JSON-RPC body: in the range JSON-RPC leaves to servers.
+REFUSAL_RPC_CODE = -32001
+
+
 def refusal_response(module: ModuleType, message: str) -> Any:
     """The broker's policy refusal as the answer a refusing HTTP proxy gives: a ``403``.
 
@@ -425,11 +429,17 @@ def refusal_response(module: ModuleType, message: str) -> Any:
     message carries this body. ``x-should-retry: false`` says the same to the Stainless SDKs.
     ``message`` (it names AgenShield, the destination and the broker's reason) is the reason
     phrase, so ``raise_for_status()`` shows it, and the JSON body's ``error.message``, which is
-    where API SDKs look; ``X-AgenShield-Refused: 1`` marks the answer as the shim's.
+    where API SDKs look (OpenAI's and Anthropic's ``{"error": {"message", "type"}}``); the body is
+    also a JSON-RPC error (``jsonrpc``, ``id``, an integer ``error.code``), which MCP's client raises
+    as the server's error instead of a bare "Server returned an error response".
+    ``X-AgenShield-Refused: 1`` marks the answer as the shim's.
     """
     import json
 
-    body = json.dumps({"error": {"message": message, "type": "agenshield_refused", "code": "blocked-by-policy"}})
+    body = json.dumps({
+        "jsonrpc": "2.0", "id": None,
+        "error": {"code": REFUSAL_RPC_CODE, "message": message, "type": "agenshield_refused", "data": "blocked-by-policy"},
+    })
     return module.Response(
         status_code=403,
         headers=[(b"Content-Type", b"application/json"), (b"X-Should-Retry", b"false"), (b"X-AgenShield-Refused", b"1")],

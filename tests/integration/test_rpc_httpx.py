@@ -189,10 +189,10 @@ TRIO_SUITE = PRELUDE + textwrap.dedent(
                 w = await c.get(base + "/whoami")
                 out.append([r.json(), w.json()["pid"]])
             try:
-                await c.get("https://example.com/")
+                (await c.get("https://example.com/")).raise_for_status()
                 out.append("no error")
-            except httpx.ProxyError as e:
-                out.append(["ProxyError", str(e)])
+            except httpx.HTTPStatusError as e:
+                out.append(["HTTPStatusError", str(e)])
             return out
 
     started = time.monotonic()
@@ -432,23 +432,23 @@ def test_rpc_wrong_ca_is_the_brokers_business(rpc_results: Dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize("tag", HTTPX_MODES)
-def test_rpc_refusal_is_proxy_error(rpc_results: Dict[str, Any], tag: str) -> None:
-    assert_refusal(error(rpc_results, tag + "refused"), "ProxyError", "example.com")
+def test_rpc_refusal_is_a_403_naming_agenshield(rpc_results: Dict[str, Any], tag: str) -> None:
+    assert_refusal(error(rpc_results, tag + "refused"), "HTTPStatusError", "example.com")
     denied = [e for e in calls(rpc_results, "example.com/path") if not e.get("allowed")]
     assert denied, "the broker logged no refusal"
 
 
 def test_rpc_policy_refusal_names_the_rule(rpc_main_env: ShimEnv, deny_broker: Any, upstream: Any) -> None:
-    """A broker whose policy denies the upstream: httpx.ProxyError with its reason; nothing arrives."""
+    """A broker whose policy denies the upstream: a 403 naming its reason (``raise_for_status``); nothing arrives."""
     code = PRELUDE + textwrap.dedent(
         '''
         import httpx
         async def aget(base):
             async with httpx.AsyncClient(verify=CTX) as c:
-                return (await c.get(base + "/echo?tag=" + P["tag"])).status_code
+                return (await c.get(base + "/echo?tag=" + P["tag"])).raise_for_status()
         for tag, base in (("http:", P["http_url"]), ("https:", P["https_url"])):
             with httpx.Client(verify=CTX) as c:
-                rec_sync("sync:" + tag, lambda: c.get(base + "/echo?tag=" + P["tag"]).status_code)
+                rec_sync("sync:" + tag, lambda: c.get(base + "/echo?tag=" + P["tag"]).raise_for_status())
             asyncio.run(rec("async:" + tag, lambda: aget(base)))
         done()
         '''
@@ -457,7 +457,7 @@ def test_rpc_policy_refusal_names_the_rule(rpc_main_env: ShimEnv, deny_broker: A
     results = run_suite(rpc_main_env, code, deny_broker, upstream, extra_env=RPC, tag="rpc-denied")
     for tag in HTTPX_MODES:
         entry = error(results, tag)
-        assert any(name.endswith(".ProxyError") for name in entry["mro"]), entry
+        assert any(name.endswith(".HTTPStatusError") for name in entry["mro"]), entry
         message = entry["message"]
         assert "AgenShield" in message and "deny-upstream" in message, message
         where = "localhost:%d" % upstream.https_port if "https" in tag else "127.0.0.1:%d" % upstream.http_port
@@ -576,7 +576,7 @@ def test_compat_text_requests_work(compat_results: Dict[str, Any], tag: str) -> 
     assert status == 200 and url.endswith("/echo") and hops == 3
     assert [data["i"] for _, data in value(compat_results, tag + "sse")] == [0, 1, 2, 3, 4]
     assert error(compat_results, tag + "read_timeout")["error"] == "ReadTimeout"
-    assert_refusal(error(compat_results, tag + "refused"), "ProxyError", "example.com")
+    assert_refusal(error(compat_results, tag + "refused"), "HTTPStatusError", "example.com")
 
 
 @pytest.mark.parametrize("tag", SYNC_MODES)
@@ -634,8 +634,8 @@ def test_rpc_version_smoke(shim_env_factory: Any, rpc_broker: Any, upstream: Any
     assert upload_sha(answer) == sent
     status, echo = value(results, "httpx_async:get")
     assert status == 200 and echo_query(echo) == {"smoke": ["async"]}
-    assert_refusal(error(results, "httpx:refused"), "ProxyError", "example.com")
-    assert_refusal(error(results, "httpx:refused_http"), "ProxyError", "example.com")
+    assert_refusal(error(results, "httpx:refused"), "HTTPStatusError", "example.com")
+    assert_refusal(error(results, "httpx:refused_http"), "HTTPStatusError", "example.com")
     for path in ("/echo?smoke=1", "/upload", "/echo?smoke=async"):
         assert calls(results, upstream.https_url + path), path
 
@@ -647,4 +647,4 @@ def test_rpc_under_trio(shim_env_factory: Any, rpc_broker: Any, upstream: Any) -
     expected = hashlib.sha256(b"\xff\x00trio").hexdigest()
     assert upload_sha(http_up) == expected and upload_sha(https_up) == expected
     assert http_pid == https_pid == rpc_broker.pid
-    assert refused[0] == "ProxyError" and "AgenShield" in refused[1] and "not allowed" in refused[1]
+    assert refused[0] == "HTTPStatusError" and "AgenShield" in refused[1] and "not allowed" in refused[1]

@@ -53,10 +53,12 @@ import httpx
 def httpx_get(url):
     with httpx.Client(verify=CA, timeout=10) as c:
         r = c.get(url)
+        r.raise_for_status()  # a refusal is a 403 naming AgenShield
         return [r.status_code, r.json()["query"]]
 async def httpx_aget(url):
     async with httpx.AsyncClient(verify=CA, timeout=10) as c:
         r = await c.get(url)
+        r.raise_for_status()
         return [r.status_code, r.json()["query"]]
 import aiohttp
 async def aiohttp_get(url):
