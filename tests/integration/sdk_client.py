@@ -2,7 +2,7 @@
 
 ``python sdk_client.py PARAMS_JSON`` in a guarded environment. ``PARAMS_JSON``: ``api``, ``mcp``,
 ``sse`` (base URLs of ``sdk_server.py``), ``denied`` (a base URL the broker refuses), ``sdks``
-(which to run). Prints ``@@RESULTS@@`` and a JSON object: for each check ``{"value": ...}`` or
+(which to run), ``mcp_sse`` (false: skip MCP over SSE). Prints ``@@RESULTS@@`` and a JSON object: for each check ``{"value": ...}`` or
 ``{"error": type, "chain": [...], "elapsed": s}``, where ``chain`` is the ``str`` of the exception and
 of everything in its cause/context chain and inside exception groups (what a user can see).
 Base URLs are given the way each SDK documents (its base-URL argument or variable); no SDK is
@@ -136,7 +136,8 @@ def mcp_checks(mcp_base: str, sse_base: str, prefix: str) -> None:
             return await call(streams)
 
     rec(prefix + "streamable", lambda: asyncio.run(asyncio.wait_for(streamable(), 30)))
-    rec(prefix + "sse", lambda: asyncio.run(asyncio.wait_for(sse(), 30)))
+    if P.get("mcp_sse", True):  # not under rpc: an SSE stream never ends, and rpc buffers whole bodies
+        rec(prefix + "sse", lambda: asyncio.run(asyncio.wait_for(sse(), 30)))
 
 
 CHECKS = {"openai": openai_checks, "anthropic": anthropic_checks, "genai": genai_checks, "hf": hf_checks}
