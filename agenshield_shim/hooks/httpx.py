@@ -1,8 +1,13 @@
-"""httpx: every ``HTTPTransport`` and ``AsyncHTTPTransport`` goes through the broker.
+"""httpx and httpx2: every ``HTTPTransport`` and ``AsyncHTTPTransport`` goes through the broker.
 
 Patches: ``httpx.HTTPTransport.__init__`` and ``.handle_request``,
 ``httpx.AsyncHTTPTransport.__init__`` and ``.handle_async_request`` (under ``rpc``: in
 :mod:`.httpx_rpc`).
+
+Only through the module object ``install`` is given (its classes, exceptions, ``Proxy``,
+``Response``, ``ByteStream``), never by importing ``httpx`` or ``httpcore`` by name: so httpx2, the
+maintained fork with its own module names (``httpx2``/``httpcore2``, 2.0 on), is one more line in
+``_boot.HOOKS`` naming this same hook, and so would any other renamed copy be.
 
 Why that seam: it is the one place every networking httpx client goes through on 0.23 to 0.28.
 ``Client`` and ``AsyncClient`` build their default transport and every proxy mount (``proxies=``
@@ -39,9 +44,11 @@ default, on what the broker serves: :mod:`agenshield_shim._transport`, asked at 
 
 Errors keep httpx's own types, with messages that say what happened (always naming AgenShield):
 
-- the broker refuses the destination (tunnel: ``CONNECT`` answered 403/502 or a forwarded request
-  answered with the broker's refusal; rpc: error 1001, or the broker could not reach the
-  upstream, 1004): ``httpx.ProxyError`` naming the destination and the broker's reason;
+- the broker's policy refuses the destination (tunnel: ``CONNECT`` or a forwarded request answered
+  403; rpc: error 1001): not an exception but a 403 answer (:func:`refusal_response`, which says
+  why: SDKs retry exceptions, not a 403), naming the destination and the broker's reason;
+- the broker could not reach the upstream (tunnel: 502; rpc: 1004): ``httpx.ProxyError`` naming
+  the destination and the broker's reason;
 - the broker cannot be reached (rpc: also answers something unusable): ``httpx.ConnectError``
   naming the broker (``ConnectTimeout`` when connecting to it timed out);
 - rpc only: a timeout (the broker's or the local deadline) is ``httpx.ReadTimeout``; a body the
