@@ -16,12 +16,17 @@ from typing import Any, NoReturn, Optional
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` to a flag's help when X is a real value (not None, False or [])."""
+    """Appends ``(default: X)`` to a flag's help when X is a real value (not None, False or []).
+
+    A help text that already says ``default:`` (a default computed at run time, or spelled better
+    than its value, like a file mode) is left as written.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default is argparse.SUPPRESS or default is None or default is False:
+        if "%(default)" in text or "default:" in text or default is argparse.SUPPRESS or default is None \
+                or default is False:
             return text
         if isinstance(default, (list, tuple)) and not default:
             return text
