@@ -43,7 +43,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, "%s: %s; see %s --help\n" % (self.prog, message, self.prog))
+        hint = "" if "; see " in message else "; see %s --help" % self.prog
+        self.exit(2, "%s: %s%s\n" % (self.prog, message, hint))
 
 
 def usage_error(prog: str, message: str) -> int:
@@ -60,6 +61,13 @@ def port(text: str) -> int:
     return int(word)
 
 
+def shown(path: str) -> str:
+    """A path for a one-line message: as typed, or quoted when it holds a control character (a newline)."""
+    if all(ch.isprintable() for ch in path):
+        return path
+    return "%r (it holds a control character)" % path
+
+
 def missing_parent(path: str) -> Optional[str]:
     """The directory that must hold ``path`` when it does not exist, else None."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -72,12 +80,13 @@ def check_output_file(flag: str, path: Optional[str]) -> Optional[str]:
         return None
     parent = missing_parent(path)
     if parent is not None:
-        return "%s %s: directory %s does not exist; create it first or choose another path" % (flag, path, parent)
+        return "%s %s: directory %s does not exist; create it first or choose another path" % (
+            flag, shown(path), shown(parent))
     if os.path.isdir(path):
-        return "%s %s: is a directory; give a file name" % (flag, path)
+        return "%s %s: is a directory; give a file name" % (flag, shown(path))
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         return "%s %s: directory %s is not writable; choose another path" % (
-            flag, path, os.path.dirname(os.path.abspath(path)))
+            flag, shown(path), shown(os.path.dirname(os.path.abspath(path))))
     return None
 
 
@@ -86,11 +95,11 @@ def check_input_file(flag: str, path: Optional[str]) -> Optional[str]:
     if path is None:
         return None
     if not os.path.exists(path):
-        return "%s %s: no such file; check the path" % (flag, path)
+        return "%s %s: no such file; check the path" % (flag, shown(path))
     if not os.path.isfile(path):
-        return "%s %s: not a regular file; give a file" % (flag, path)
+        return "%s %s: not a regular file; give a file" % (flag, shown(path))
     if not os.access(path, os.R_OK):
-        return "%s %s: not readable; check its permissions" % (flag, path)
+        return "%s %s: not readable; check its permissions" % (flag, shown(path))
     return None
 
 
@@ -99,17 +108,18 @@ def check_directory(flag: str, path: Optional[str]) -> Optional[str]:
     if path is None or os.path.isdir(path):
         return None
     if os.path.exists(path):
-        return "%s %s: not a directory; give a directory" % (flag, path)
-    return "%s %s: no such directory; create it first or give an existing one" % (flag, path)
+        return "%s %s: not a directory; give a directory" % (flag, shown(path))
+    return "%s %s: no such directory; create it first or give an existing one" % (flag, shown(path))
 
 
 def check_python(flag: str, path: str) -> Optional[str]:
     """Why ``path`` cannot be the interpreter asked for, as one message naming ``flag``; None if it can."""
     if not os.path.exists(path):
-        return "%s %s: no such file; give the path of a Python interpreter (e.g. venv/bin/python)" % (flag, path)
+        return "%s %s: no such file; give the path of a Python interpreter (e.g. venv/bin/python)" % (
+            flag, shown(path))
     if os.path.isdir(path) or not os.access(path, os.X_OK):
         return "%s %s: not an executable file; give the path of a Python interpreter (e.g. venv/bin/python)" % (
-            flag, path)
+            flag, shown(path))
     return None
 
 
