@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unix", metavar="PATH", help="also (or, without --host/--port, only) listen on this Unix socket (default: none)")
     p.add_argument("--unix-mode", type=_mode, default=d.unix_mode, metavar="OCTAL", help="Unix socket mode (default: 0600)")
     p.add_argument("--policy", metavar="FILE", help="TOML policy file, format in docs/policy.md (default: none, so only loopback is allowed)")
-    p.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]", help="allow a destination, added after the policy file's rules (repeatable; see docs/policy.md)")
+    p.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]", help="allow a destination, added after the policy file's rules (repeatable; default: none, "
+                   "so only loopback is allowed; see docs/policy.md)")
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per decision to this file (default: stderr)")
     p.add_argument("--compat", action="store_true", help="behave exactly like the AgenShield daemon's broker (no extensions)")
     p.add_argument("--connect-timeout", type=_seconds, default=d.connect_timeout, metavar="S",
@@ -157,6 +158,7 @@ async def _run(config: BrokerConfig) -> int:
 def _bad_paths(args: argparse.Namespace) -> Optional[str]:
     """A file flag that cannot work, as one line (checked before anything is bound or opened)."""
     return first_problem(
+        check_input_file("--policy", args.policy),
         check_input_file("--upstream-ca", args.upstream_ca),
         check_output_file("--audit", args.audit),
         check_output_file("--ready-file", args.ready_file),
