@@ -390,37 +390,51 @@ def refusal_lines(broker: Broker, user_audit: Optional[str], default_policy: boo
     except OSError:
         return []
     refused: Dict[str, Tuple[Optional[str], Optional[str], int]] = {}
+    loopback: List[str] = []  # hosts the loopback default let through: --allow would shut them out
     for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(entry, dict) or entry.get("allowed") is not False or not isinstance(entry.get("target"), str):
+        if not isinstance(entry, dict) or not isinstance(entry.get("target"), str):
             continue
+        policy_id = entry.get("policyId")
         host, port = split_target(entry["target"])
+        if entry.get("allowed") is not False:
+            if policy_id == "default-loopback" and host is not None and host not in loopback:
+                loopback.append(host)
+            continue
         if host is None:
             continue
         spec = ("[%s]" % host if ":" in host else host) + ("" if port is None else ":%d" % port)
         reason, rule, count = refused.get(spec, (None, None, 0))
-        policy_id = entry.get("policyId")
         refused[spec] = (reason or reason_of(entry), rule or (policy_id if isinstance(policy_id, str) else None),
                          count + 1)
     lines = []
-    for spec, (reason, rule, count) in list(refused.items())[:SHOWN_REFUSALS]:
+    allowable = []
+    for spec, (reason, rule, count) in refused.items():
+        if rule is None:
+            allowable.append(spec)
+        if len(lines) == SHOWN_REFUSALS:
+            continue
         times = "" if count == 1 else " (%d times)" % count
         if rule is not None:
-            lines.append("the broker refused %s%s by deny rule '%s': %s; --allow cannot override a deny rule: change "
-                         "the policy" % (spec, times, rule, reason or "no reason given"))
+            lines.append("the broker refused %s%s by deny rule '%s' of the policy: %s; --allow cannot override a "
+                         "deny rule: change the policy" % (spec, times, rule, reason or "no reason given"))
         else:
             why = reason or "not allowed by the policy"
             if default_policy:
                 why += " (the default policy allows loopback only)"
-            lines.append("the broker refused %s%s: %s; to let it through, run again with --allow %s"
-                         % (spec, times, why, shlex.quote(spec)))
+            lines.append("the broker refused %s%s: %s" % (spec, times, why))
     if len(refused) > SHOWN_REFUSALS:
         where = ("agenshield-shim audit %s" % shlex.quote(user_audit)) if user_audit else \
             "run with --audit FILE, then: agenshield-shim audit FILE"
         lines.append("and %d more destinations; to see them all: %s" % (len(refused) - SHOWN_REFUSALS, where))
+    if allowable:
+        flags = " ".join("--allow %s" % shlex.quote(spec) for spec in allowable)
+        if default_policy:  # --allow replaces the loopback default: keep what COMMAND reached through it
+            flags += "".join(" --allow %s" % shlex.quote("[%s]" % h if ":" in h else h) for h in loopback)
+        lines.append("to let %s through, run again with %s" % ("it" if len(allowable) == 1 else "them", flags))
     return lines
 
 
