@@ -159,7 +159,7 @@ def test_restore_keeps_a_foreign_file_at_the_profile_path(tmp_path: Path) -> Non
 
 def test_auto_on_linux_without_socket_falls_back_with_a_warning(tmp_path: Path) -> None:
     if not sys.platform.startswith("linux"):
-        pytest.skip("Linux behaviour")
+        pytest.skip("checks the Linux choice of sandbox; this is %s" % sys.platform)
     err = io.StringIO()
     with redirect_stderr(err):
         text = generate_python_wrapper(PY, str(tmp_path / "py"), sandbox="auto")

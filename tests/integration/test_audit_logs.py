@@ -78,7 +78,7 @@ def two_listeners() -> Iterator[List[Listener]]:
 
 def test_the_shims_own_log(shim_env_factory: Any, two_listeners: List[Listener], tmp_path: Path) -> None:
     if VERSION is None:
-        skip_unless_local("no supported Python")
+        skip_unless_local("no CPython 3.8-3.13 found (pyenv versions, or AGENSHIELD_TEST_PYTHONS)")
     agent: ShimEnv = shim_env_factory(VERSION)
     log = str(tmp_path / "guard.jsonl")
     a, b = two_listeners

@@ -53,7 +53,7 @@ def free_port() -> int:
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
     """Run the README command in a copy of the checkout; returns its output and the strace log (or "")."""
     if VERSION is None:
-        skip_unless_local("no supported Python")
+        skip_unless_local("no CPython 3.8-3.13 found (pyenv versions, or AGENSHIELD_TEST_PYTHONS)")
     steps = readme_command()
     work = tmp_path_factory.mktemp("first-command")
     src = work / "agenshield-shim"

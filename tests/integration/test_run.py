@@ -44,7 +44,7 @@ def run_cmd(args: List[str], env: Dict[str, str] = None, **kwargs) -> "subproces
 @pytest.fixture(scope="module")
 def agent(shim_env_factory) -> ShimEnv:
     if RUN_VERSION is None:
-        _skip_unless_local("no supported Python")
+        _skip_unless_local("no CPython 3.8-3.13 found (pyenv versions, or AGENSHIELD_TEST_PYTHONS)")
     return shim_env_factory(RUN_VERSION)
 
 
