@@ -47,6 +47,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, "%s: %s%s\n" % (self.prog, message, hint))
 
 
+#: The policy format in one paragraph, for the --help of the commands that take --policy/--allow
+#: (the wheel does not carry docs/policy.md, so the help must stand alone).
+POLICY_EPILOG = (
+    'Policy file (TOML): default = "deny" (or "allow"), then [[rules]] tables, each with action = "allow" or '
+    '"deny" and any of: id, hosts (names, "*.example.com", CIDR such as "10.0.0.0/8", "*"), ports (443, '
+    '"8000-8100"), schemes, methods, paths (rpc and plain-http only; never match a CONNECT tunnel). A matching deny '
+    'rule wins over every allow rule; else a matching allow rule allows; else the default decides. Each --allow '
+    'HOST[:PORT] adds one allow rule after the file\'s rules. Without --policy and --allow only loopback is '
+    'allowed. Guide and examples: docs/policy.md in the source repository.'
+)
+
+
 def usage_error(prog: str, message: str) -> int:
     """Print a bad-input message the same way a :class:`Parser` does; return the exit status (2)."""
     print("%s: %s" % (prog, message), file=sys.stderr)

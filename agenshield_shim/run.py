@@ -40,7 +40,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._cliargs import Parser, check_input_file, check_output_file
+from ._cliargs import POLICY_EPILOG, Parser, check_input_file, check_output_file
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, ENV_BROKER_SOCKET, ShimConfigError,
     _parse_host, _parse_port, load,
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its lifetime. Exits with COMMAND's status; what the broker refused is summarised at the end.",
         usage="%(prog)s [--allow HOST[:PORT] ...] [--policy FILE] [--audit FILE] [--sandbox none|netns|auto] "
               "-- COMMAND ...",
+        epilog=POLICY_EPILOG,
     )
     parser.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]",
                         help="allow a destination in the broker run starts, after the policy's rules (repeatable; "

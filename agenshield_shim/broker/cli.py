@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from .._cliargs import Parser, check_input_file, check_output_file, first_problem
+from .._cliargs import POLICY_EPILOG, Parser, check_input_file, check_output_file, first_problem
 from .config import BrokerConfig
 from .policy import PolicyError, build_policy
 from .server import Broker
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agenshield-shim broker",
         description="Reference AgenShield broker: policy-checked JSON-RPC, forward proxy and CONNECT tunnels. "
                     "Sizes take k/M/G suffixes (binary: 64k = 65536), times are in seconds.",
+        epilog=POLICY_EPILOG,
     )
     d = BrokerConfig()
     p.add_argument("--version", action="version", version="agenshield-shim broker " + __version__)
