@@ -24,7 +24,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from ._cliargs import Parser, usage_error
+from .cli_args import Parser, usage_error
 
 PROG = "agenshield-shim audit"
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}

@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
-from ._cliargs import Parser
+from .cli_args import Parser
 
 #: command -> (module:function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import __version__
-from ._cliargs import Parser, check_input_file, check_python, usage_error
+from .cli_args import Parser, check_input_file, check_python, usage_error
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, LOCK_FILE, ShimConfigError,
     _parse_host, _parse_port, load,

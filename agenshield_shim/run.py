@@ -40,7 +40,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._cliargs import POLICY_EPILOG, Parser, check_input_file, check_output_file
+from .cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, ENV_BROKER_SOCKET, ShimConfigError,
     _parse_host, _parse_port, load,

@@ -27,7 +27,7 @@ import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
-from ._cliargs import Parser, check_directory, first_problem, port as _port_type
+from .cli_args import Parser, check_directory, first_problem, port as _port_type
 from ._config import (
     DEFAULT_BROKER_HOST,
     DEFAULT_BROKER_PORT,
@@ -256,7 +256,7 @@ def restore_wrapper(out: str) -> List[str]:
     """
     out = os.path.abspath(out)
     if not os.path.lexists(out):
-        raise WrapperError("%s does not exist" % out)
+        raise WrapperError("--out %s: no such file; give the path of a wrapper written by agenshield-shim wrapper" % out)
     if os.path.islink(out) or not is_wrapper(out):
         raise WrapperError("%s was not written by agenshield-shim wrapper; leaving it alone" % out)
     removed = []

@@ -115,7 +115,7 @@ CASES = [
                  "give the path of a Python interpreter", id="wrapper-missing-python"),
     pytest.param(["wrapper", "--python", PY, "--out", "{tmp}/w.sh", "--workspace", "/nonexistent-dir"], {},
                  "/nonexistent-dir", "create it first", id="wrapper-missing-workspace"),
-    pytest.param(["restore", "--out", "/nonexistent-dir/w.sh"], {}, "/nonexistent-dir/w.sh", "does not exist",
+    pytest.param(["restore", "--out", "/nonexistent-dir/w.sh"], {}, "/nonexistent-dir/w.sh", "give the path of a wrapper",
                  id="restore-missing-wrapper"),
     pytest.param(["sandbox-profile", "--workspace", "{tmp}", "--broker-port", "abc"], {}, "'abc'",
                  "give a number from 1 to 65535", id="sandbox-profile-port-abc"),

@@ -72,7 +72,7 @@ def test_restore_removes_only_our_wrapper(tmp_path: Path) -> None:
     generate_python_wrapper(PY, str(out), sandbox="none")
     assert restore_wrapper(str(out)) == [str(out)]
     assert not out.exists()
-    with pytest.raises(WrapperError, match="does not exist"):
+    with pytest.raises(WrapperError, match="no such file"):
         restore_wrapper(str(out))
 
 

@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from .._cliargs import POLICY_EPILOG, Parser, check_input_file, check_output_file, first_problem
+from ..cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file, first_problem
 from .config import BrokerConfig
 from .policy import PolicyError, build_policy
 from .server import Broker

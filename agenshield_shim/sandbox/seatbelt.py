@@ -242,7 +242,7 @@ def generate_sandbox_profile(
 
 def cli_profile(argv: List[str]) -> int:
     """``agenshield-shim sandbox-profile``: print the profile (write it to a file with ``>``)."""
-    from .._cliargs import Parser, check_directory, first_problem, port
+    from ..cli_args import Parser, check_directory, first_problem, port
 
     parser = Parser(
         prog="agenshield-shim sandbox-profile",

@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 from typing import Dict, List
 
 import pytest
