@@ -40,7 +40,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file
+from .cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file, shown
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, ENV_BROKER_SOCKET, ShimConfigError,
     _parse_host, _parse_port, load,
@@ -105,6 +105,7 @@ def _program_problem(program: str) -> Optional[str]:
     """Why COMMAND cannot be started, before a broker is started for it; None if it can."""
     if shutil.which(program) is not None:
         return None
+    program = shown(program)
     if os.sep in program:
         if os.path.isdir(program):
             return "%s: is a directory, not a program; give the program to run after --" % program
