@@ -193,3 +193,15 @@ def test_netns_sandbox(agent: ShimEnv, upstream, listener: Listener, tmp_path: P
                    env={"AGENSHIELD_BROKER_PORT": str(free_port())})
     assert bare.returncode == 0, bare.stdout + bare.stderr
     assert listener.settle() == 0
+
+
+def test_pip_refused_by_the_broker_says_why(agent: ShimEnv, tmp_path: Path) -> None:
+    """pip alone says only "No matching distribution found"; run's last lines name the refused index and the fix."""
+    result = run_cmd(["--", agent.python, "-m", "pip", "download", "-q", "--no-deps", "--retries", "0", "--timeout", "5",
+                      "-d", str(tmp_path / "dl"), "--index-url", "https://pypi.example.org/simple", "idna"],
+                     env={"AGENSHIELD_BROKER_PORT": str(free_port()), "PIP_CONFIG_FILE": "/dev/null"})
+    assert result.returncode != 0
+    refusal, allow = result.stderr.splitlines()[-2:]
+    assert refusal.startswith("agenshield-shim run: the broker refused pypi.example.org:443") and refusal.endswith(
+        ": Host 'pypi.example.org' is not allowed (the default policy allows loopback only)"), result.stderr
+    assert allow == "agenshield-shim run: to let it through, run again with --allow pypi.example.org:443"
