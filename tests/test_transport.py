@@ -236,3 +236,11 @@ def test_garbage_answers_decide_nothing() -> None:
         assert _transport.chosen(impostor.config) is None
     finally:
         impostor.close()
+
+
+def test_unix_socket_broker_down_goes_the_way_that_names_the_socket(tmp_path: Path) -> None:
+    config = auto(broker_host="127.0.0.1", broker_port=free_port(), broker_socket=str(tmp_path / "none.sock"))
+    assert _transport.choose(config, 1.0) == "rpc"
+    assert _transport.chosen(config) is None
+    with pytest.raises(_rpc.RpcBrokerUnavailable, match="unix:%s" % (tmp_path / "none.sock")):
+        _rpc.http_request(config, "GET", "http://127.0.0.1:9/")
