@@ -74,10 +74,20 @@ def choose(config: Config, deadline_s: "Optional[float]" = None) -> str:
     """``tunnel`` or ``rpc`` for this broker; probes once under ``auto`` (thread-safe, blocking)."""
     if config.transport != "auto":
         return config.transport
-    choice = probe(config, deadline_s)
-    if choice is None:  # nothing learned: the way whose error names the broker as configured
-        return RPC if config.broker_socket else TUNNEL
-    return choice.transport
+    probe(config, deadline_s)
+    return current(config)
+
+
+def current(config: Config) -> str:
+    """The transport in use now, asking nothing: the configured one, the one learned, or (nothing
+    learned yet: the broker could not be asked) the way whose error names the broker as configured,
+    rpc for a Unix socket (both brokers speak JSON-RPC lines there), else the tunnel."""
+    if config.transport != "auto":
+        return config.transport
+    choice = _probed.get(_key(config))
+    if choice is not None:
+        return choice.transport
+    return RPC if config.broker_socket else TUNNEL
 
 
 def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Choice]":
