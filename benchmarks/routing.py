@@ -105,6 +105,7 @@ TEXT_MODES = ("ref rpc", "daemon", "daemon unix")
 PROBE = r'''
 import sys, time
 t = time.perf_counter()
+import socket  # what every HTTP library has imported before its first request
 from agenshield_shim import _boot, _transport, _rpc  # what the probe loads (the rpc core: its ping)
 config = _boot.active_config()
 loaded = time.perf_counter()

@@ -304,7 +304,8 @@ def fetch_params(params: Dict[str, Any]) -> Dict[str, Any]:
     caller gave none of that name, a falsy ``body`` dropped, any other made a string and sent with a
     ``Content-Length`` (never chunked)."""
     out = dict(params)
-    given = params.get("headers") if isinstance(params.get("headers"), dict) else {}
+    raw = params.get("headers")
+    given: Dict[Any, Any] = raw if isinstance(raw, dict) else {}
     headers = dict(given)
     names = {str(k).lower() for k in given}
     for name, value in FETCH_HEADERS:

@@ -217,6 +217,11 @@ def test_selftest_and_log_say_which_transport_and_why(env: ShimEnv, daemon: Any,
     report = json.loads(result.stdout)
     assert report["transport"] == "rpc" and "auto" in report["transportReason"], report
     assert "serves /rpc only" in report["transportReason"]
+    assert report["success"] and report["routed"], report  # every installed library, end to end, by rpc
+    result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
+                     env=dict(daemon_env, AGENSHIELD_BROKER_SOCKET=daemon.socket_path), timeout=120)
+    report = json.loads(result.stdout)
+    assert report["success"] and report["transport"] == "rpc" and "Unix socket" in report["transportReason"], report
     result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
                      env=broker.env, timeout=120)
     report = json.loads(result.stdout)
