@@ -69,6 +69,12 @@ def binary(fn):
     refused_clearly.__name__ = fn.__name__ + "_refused"
     return check(refused_clearly)
 
+# The daemon 0.7.2 copies its fetch answer's headers into an object, one value per name: of two
+# Set-Cookie headers only the last reaches any client (the first never leaves the daemon, so no shim
+# can restore it). Against the daemon the checks assert exactly that loss.
+LAST_COOKIE_ONLY = os.environ.get("EXPECT_LAST_SET_COOKIE_ONLY") == "1"
+SET_COOKIES = {"b": "2"} if LAST_COOKIE_ONLY else {"a": "1", "b": "2"}
+
 def streamed(first_arrival, last_sent):
     """The tunnel streams (the first event before the last was sent, 1.2 s later); rpc delivers whole."""
     if RPC:
@@ -153,8 +159,8 @@ def cookies_two_set_cookie():
     jar = requests.Session()
     jar.verify = CA
     r = jar.get(BASE + "/cookies/set")
-    expect(sorted(jar.cookies.keys()) == ["a", "b"], list(jar.cookies.keys()))
-    expect(jar.get(BASE + "/cookies/echo").json()["cookies"] == {"a": "1", "b": "2"}, "cookies not sent back")
+    expect(sorted(jar.cookies.keys()) == sorted(SET_COOKIES), list(jar.cookies.keys()))
+    expect(jar.get(BASE + "/cookies/echo").json()["cookies"] == SET_COOKIES, "cookies not sent back")
 
 @binary
 def gzip_decoded():
@@ -270,7 +276,7 @@ def redirects():
 def two_set_cookie_headers():
     r = http.request("GET", BASE + "/cookies/set")
     cookies = r.headers.getlist("Set-Cookie")
-    expect(len(cookies) == 2 and cookies[0].startswith("a=1") and cookies[1].startswith("b=2"), cookies)
+    expect([c.split(";")[0] for c in cookies] == ["%s=%s" % kv for kv in SET_COOKIES.items()], cookies)
 
 @binary
 def gzip():
@@ -361,7 +367,7 @@ def redirects_and_cookies():
     got = json.load(fetch("/redirect/3?x=1"))
     expect(got["path"] == "/echo" and got["query"] == [["x", "1"]], got)
     fetch("/cookies/set").read()
-    expect(json.load(fetch("/cookies/echo"))["cookies"] == {"a": "1", "b": "2"}, "cookies")
+    expect(json.load(fetch("/cookies/echo"))["cookies"] == SET_COOKIES, "cookies")
 
 @binary
 def gzip_body():
@@ -467,8 +473,10 @@ class Route:
         self.env = dict(broker.env)
         if name != "tunnel":
             self.env["AGENSHIELD_TRANSPORT"] = "rpc"
-        if name == "rpc-compat":
+        if name in TEXT_ONLY_ROUTES:
             self.env["EXPECT_TEXT_ONLY"] = "1"
+        if name in DAEMON_ROUTES:
+            self.env["EXPECT_LAST_SET_COOKIE_ONLY"] = "1"
 
     def saw(self, upstream, url_part: str, mark: int) -> bool:
         """Did the broker carry a request to the HTTPS upstream: a tunnel to it, or (rpc) a call whose
@@ -484,14 +492,24 @@ class Route:
         else:
             calls = self.broker.calls(base_url(upstream, scheme) + "/", mark)
             assert len(calls) >= 10 and all(e["result"] in ("success", "error") for e in calls), calls[:3]
+            channel = "socket" if self.broker.socket_path else "http"  # the reference broker logs none
+            assert all(e.get("channel", channel) == channel for e in calls), calls[:3]
 
 
-#: tunnel: the default; rpc: AGENSHIELD_TRANSPORT=rpc with the reference broker's base64 bodies;
-#: rpc-compat: the same against the daemon's behaviour (--compat: text bodies only).
-@pytest.fixture(params=["tunnel", "rpc", "rpc-compat"])
+#: The broker fixture of each route: tunnel, the default; rpc, AGENSHIELD_TRANSPORT=rpc with the
+#: reference broker's base64 bodies; rpc-compat, the same against the daemon's behaviour (--compat);
+#: rpc-daemon and rpc-daemon-unix, the real AgenShield daemon 0.7.2 (its HTTP fallback, its Unix socket).
+ROUTES = {"tunnel": "broker", "rpc": "rpc_broker", "rpc-compat": "compat_broker",
+          "rpc-daemon": "daemon_broker", "rpc-daemon-unix": "daemon_unix_broker"}
+#: Routes whose broker carries text bodies only: binary checks must fail clearly, naming the tunnel.
+TEXT_ONLY_ROUTES = ("rpc-compat", "rpc-daemon", "rpc-daemon-unix")
+#: Routes through the real daemon (one Set-Cookie header per answer: see LAST_COOKIE_ONLY in PRELUDE).
+DAEMON_ROUTES = ("rpc-daemon", "rpc-daemon-unix")
+
+
+@pytest.fixture(params=list(ROUTES))
 def route(request: pytest.FixtureRequest) -> Route:
-    fixture = {"tunnel": "broker", "rpc": "rpc_broker", "rpc-compat": "compat_broker"}[request.param]
-    return Route(request.param, request.getfixturevalue(fixture))
+    return Route(request.param, request.getfixturevalue(ROUTES[request.param]))
 
 
 @pytest.fixture(params=["tunnel", "rpc"])
@@ -541,9 +559,16 @@ print("done")
     assert len(broker.connects(target_of(upstream, "https"), mark)) == 1
 
 
-def test_requests_concurrency_50_threads(env2: ShimEnv, upstream, binary_route: Route) -> None:
-    """50 threads x 20 requests (alternating binary downloads and echoed uploads), every body checked."""
-    route = binary_route
+@pytest.fixture(params=["tunnel", "rpc", "rpc-daemon", "rpc-daemon-unix"])
+def concurrency_route(request: pytest.FixtureRequest) -> Route:
+    """The brokers that carry binary bodies, and the daemon (its downloads are text)."""
+    return Route(request.param, request.getfixturevalue(ROUTES[request.param]))
+
+
+def test_requests_concurrency_50_threads(env2: ShimEnv, upstream, concurrency_route: Route) -> None:
+    """50 threads x 20 requests (alternating downloads and echoed uploads), every body checked;
+    downloads are random bytes, or against a text-only broker echoed text."""
+    route = concurrency_route
     broker = route.broker
     code = PRELUDE + r'''
 import threading, requests
@@ -560,6 +585,9 @@ def worker(t):
                 body = ("%d-%d-" % (t, i)).encode() * (i + 1)
                 got = s.post(BASE + "/echo", data=body, params={"tag": TAG}).json()
                 assert got["body_sha256"] == sha(body), (t, i)
+            elif TEXT_ONLY:
+                r = s.get(BASE + "/echo", params={"tag": TAG, "t": t, "i": i})
+                assert r.json()["query"] == [["tag", TAG], ["t", str(t)], ["i", str(i)]], (t, i)
             else:
                 n = 1000 + t * 40 + i
                 r = s.get(BASE + "/bytes/%d" % n, params={"tag": TAG})
