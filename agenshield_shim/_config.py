@@ -48,7 +48,8 @@ DEFAULT_BROKER_PORT = 6969
 _FALSE = ("false", "0", "no", "off")
 _TRUE = ("true", "1", "yes", "on")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
-TRANSPORTS = ("tunnel", "rpc")
+TRANSPORTS = ("auto", "tunnel", "rpc")
+DEFAULT_TRANSPORT = "auto"
 
 
 class ShimConfigError(ValueError):
@@ -78,7 +79,7 @@ class Config:
         log_level: str = "warn",
         allow: "Tuple[Destination, ...]" = (),
         audit_log: "Optional[str]" = None,
-        transport: str = "tunnel",
+        transport: str = DEFAULT_TRANSPORT,
     ) -> None:
         self.enabled = enabled
         self.broker_host = broker_host
@@ -147,10 +148,10 @@ def load(environ: "Optional[Mapping[str, str]]" = None, lock: "Optional[str]" = 
         )
     if log_level == "warning":
         log_level = "warn"
-    transport = env.get(ENV_TRANSPORT, "tunnel").strip().lower()
+    transport = env.get(ENV_TRANSPORT, DEFAULT_TRANSPORT).strip().lower()
     if transport not in TRANSPORTS:
         raise ShimConfigError(
-            "%s=%r is not a transport; use tunnel or rpc" % (ENV_TRANSPORT, env[ENV_TRANSPORT])
+            "%s=%r is not a transport; use auto (the default), tunnel or rpc" % (ENV_TRANSPORT, env[ENV_TRANSPORT])
         )
     socket_path = _parse_path(env.get(ENV_BROKER_SOCKET), ENV_BROKER_SOCKET)
     audit_log = _parse_path(env.get(ENV_AUDIT_LOG), ENV_AUDIT_LOG)

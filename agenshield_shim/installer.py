@@ -393,6 +393,8 @@ def verify_payload(report: Dict[str, object], returncode: int, stderr: str) -> D
         "routed": routed,
         "shimVersion": report.get("shimVersion"),
         "broker": report.get("broker"),
+        "transport": report.get("transport"),
+        "transportReason": report.get("transportReason"),
         "locked": bool(report.get("locked")),
     }
     return payload

@@ -70,7 +70,9 @@ class ShimState:
         self.reason = ""
         self.broker_host = fallback_host
         self.broker_port = fallback_port
-        self.transport = "tunnel"
+        self.transport = "auto"
+        self.transport_reason = ""
+        self.config: Any = None
         self.locked = False
         self.blocked_error: Tuple[Type[BaseException], ...] = ()
         self._read()
@@ -112,6 +114,7 @@ class ShimState:
         if config is not None:
             self.broker_host, self.broker_port = config.broker_host, config.broker_port
             self.transport = config.transport
+            self.config = config
         self.active = True
 
     @property
@@ -576,6 +579,7 @@ class Report:
             "shimActive": self.shim.active,
             "shimVersion": self.shim.version,
             "transport": self.shim.transport,
+            "transportReason": self.shim.transport_reason,
             "broker": self.shim.broker,
             "locked": self.shim.locked,
             "networkBlocked": self.passed("guard:"),
@@ -627,6 +631,8 @@ def run(verify: bool = False, fallback_host: str = "localhost", fallback_port: i
                 broker_ok, why = broker_health(shim.broker_host, shim.broker_port)
         label = "broker reachable" if started is None else "broker reachable (started for this run)"
         add(Check(label, PASS if broker_ok else FAIL, "%s: %s" % (shim.broker, why)))
+        if broker_ok and shim.config is not None:
+            add(check_transport(shim))
         if broker_ok:
             upstream = Upstream()
             note("loopback upstream on 127.0.0.1:%d (reached only through the broker)" % upstream.port)
@@ -642,6 +648,25 @@ def run(verify: bool = False, fallback_host: str = "localhost", fallback_port: i
             started.stop()
     report.duration = time.monotonic() - report.started
     return report
+
+
+def check_transport(shim: ShimState) -> Check:
+    """Which transport the hooked libraries use with this broker, and why (``auto`` asks the broker)."""
+    from agenshield_shim import _transport
+
+    config = shim.config
+    choice = _transport.probe(config)
+    if choice is None:
+        return Check("transport", FAIL, "could not learn what the broker at %s serves (no usable answer to ping "
+                                        "or CONNECT)" % shim.broker)
+    if config.transport == "auto":
+        shim.transport, shim.transport_reason = choice.transport, "auto: %s" % choice.reason
+        return Check("transport", PASS, "%s (%s)" % (choice.transport, shim.transport_reason))
+    shim.transport_reason = "AGENSHIELD_TRANSPORT=%s" % config.transport
+    if config.transport == _transport.TUNNEL and choice.transport != _transport.TUNNEL:
+        return Check("transport", FAIL, "AGENSHIELD_TRANSPORT=tunnel, but %s; set AGENSHIELD_TRANSPORT=auto (the "
+                                        "default) or rpc" % choice.reason)
+    return Check("transport", PASS, "%s (%s; the broker: %s)" % (config.transport, shim.transport_reason, choice.reason))
 
 
 def _start_broker(shim: ShimState, why: str, note: Callable[[str], None]) -> Tuple[Optional[StartedBroker], str]:

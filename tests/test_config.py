@@ -10,7 +10,7 @@ def test_defaults() -> None:
     config = load({})
     assert config.enabled is True
     assert (config.broker_host, config.broker_port) == ("localhost", 6969)
-    assert config.log_level == "warn" and config.transport == "tunnel"
+    assert config.log_level == "warn" and config.transport == "auto"
     assert config.allow == () and config.audit_log is None and config.broker_socket is None
     assert config.broker == "localhost:6969"
 

@@ -57,9 +57,10 @@ Errors keep aiohttp's own types, with messages that start with ``AgenShield`` an
   ``ClientOSError``, which aiohttp would retry) naming the tunnel transport.
 """
 
+import asyncio
 import functools
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, broker_url
 from .._config import Config
@@ -82,40 +83,87 @@ def install(module: ModuleType) -> None:
     if config is None:
         return
     if config.transport == "rpc":
-        from . import aiohttp_rpc  # the rpc core loads only for the rpc transport
-
-        global TunnelOnlyError
-        TunnelOnlyError = aiohttp_rpc.install(module, config) or TunnelOnlyError
-    elif config.transport == "tunnel":
+        _install_rpc(module, config, None)
+    elif config.transport in ("tunnel", "auto"):
         _install_tunnel(module, config)
 
 
+def _install_rpc(module: ModuleType, config: Config, active: Optional[Callable[[], bool]]) -> None:
+    from . import aiohttp_rpc  # the rpc core loads only when the rpc transport is used
+
+    global TunnelOnlyError
+    TunnelOnlyError = aiohttp_rpc.install(module, config, active) or TunnelOnlyError
+
+
 def _install_tunnel(module: ModuleType, config: Config) -> None:
+    """The tunnel; under ``auto`` each request first asks which transport the broker takes (once)."""
     session_class = module.ClientSession
     original = session_class._request
     if getattr(original, "__agenshield_original__", None) is not None:
         return
-    router = _Router(module, config.broker_host, config.broker_port, config.broker)
+    router = _Router(module, config)
+    auto = _Auto(module, config) if config.transport == "auto" else None
 
     @functools.wraps(original)
     async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
         if not router.routes(self):
             return await original(self, method, str_or_url, **kwargs)
+        if auto is not None and await auto.rpc(self, kwargs):
+            return await original(self, method, str_or_url, **kwargs)  # the rpc connector carries it
         return await router.request(original, self, method, str_or_url, kwargs)
 
     _request.__agenshield_original__ = original  # type: ignore[attr-defined]
     session_class._request = _request
 
 
+class _Auto:
+    """``AGENSHIELD_TRANSPORT=auto``: the rpc connector is installed the first time the broker
+    turns out not to tunnel, and acts only while that is what was learned."""
+
+    def __init__(self, module: ModuleType, config: Config) -> None:
+        self.module = module
+        self.config = config
+        self.installed = False
+
+    async def rpc(self, session: Any, kwargs: Any) -> bool:
+        from .._transport import RPC, choose_async
+
+        if await choose_async(self.config, _connect_timeout(session, kwargs)) != RPC:
+            return False
+        if not self.installed:
+            self.installed = True
+            _install_rpc(self.module, self.config, self.active)
+        return True
+
+    def active(self) -> bool:
+        from .._transport import RPC, chosen
+
+        choice = chosen(self.config)
+        return choice is not None and choice.transport == RPC
+
+
+def _connect_timeout(session: Any, kwargs: Any) -> Optional[float]:
+    """The request's connect timeout (bounds the transport probe), if it has one."""
+    timeout = kwargs.get("timeout") or getattr(session, "timeout", None)
+    if isinstance(timeout, (int, float)):
+        return float(timeout)
+    for name in ("sock_connect", "connect", "total"):
+        value = getattr(timeout, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
 class _Router:
     """What the wrapper needs: aiohttp's types, the broker's URL, and the error translation."""
 
-    def __init__(self, module: ModuleType, host: str, port: int, broker: str) -> None:
+    def __init__(self, module: ModuleType, config: Config) -> None:
         self.errors = module
-        self.host = host
-        self.port = port
-        self.proxy = broker_url(host, port)
-        self.broker = broker
+        self.config = config
+        self.host = config.broker_host
+        self.port = config.broker_port
+        self.proxy = broker_url(self.host, self.port)
+        self.broker = config.broker
         self.tcp_connector = module.TCPConnector
 
     def routes(self, session: Any) -> bool:
@@ -135,35 +183,92 @@ class _Router:
             raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
         except errors.ClientProxyConnectionError as exc:
             raise self.unreachable(exc) from exc
+        except errors.ServerDisconnectedError as exc:
+            # the daemon 0.7.2 drops a CONNECT without a word: say that it does not tunnel
+            if str(url).split(":", 1)[0].lower() in _PLAIN_SCHEMES or not await self.not_a_proxy():
+                raise
+            from .._transport import CLOSED, not_a_proxy_message
+
+            raise errors.ClientConnectionError(not_a_proxy_message(self.broker, CLOSED, str(url))) from exc
         except errors.ClientResponseError as exc:
             # raise_for_status=True raised on a forwarded request the broker refused
-            if not _is_forward_refusal(exc.request_info.url, exc.status, exc.headers):
+            error = await self.forward_error(exc.request_info, exc.history, exc.status, exc.headers, None)
+            if error is None:
                 raise
-            raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
+            raise error from exc
         return await self.check_forwarded(response)
 
     async def check_forwarded(self, response: Any) -> Any:
-        """A plain-HTTP request is forwarded: the broker's refusal arrives as a response."""
-        if not _is_forward_refusal(response.url, response.status, response.headers):
+        """A plain-HTTP request is forwarded: the broker's refusal arrives as a response, in any framing."""
+        error = await self.forward_error(response.request_info, response.history, response.status,
+                                         response.headers, response)
+        if error is None:
             return response
-        body = await response.read()
-        if "X-Proxy-Error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
-            return response  # an upstream's own 403/502
         response.release()
-        reason = body.decode("utf-8", "replace").strip() or (response.reason or "")
-        raise await self.refused(response.request_info, response.history, response.status, reason, response.headers)
+        raise error
 
-    async def refused(self, request_info: Any, history: Any, status: Optional[int], reason: Any, headers: Any) -> Exception:
+    async def forward_error(self, request_info: Any, history: Any, status: Optional[int], headers: Any,
+                            response: Any) -> Optional[Exception]:
+        """The error a forwarded answer stands for, or None when it is the upstream's own.
+
+        ``X-Proxy-Error`` says so when the broker sends it (the reference broker); the daemon sends
+        none on forwards, so a 403 is the broker's when its ``policy_check`` denies the URL, a 502
+        when its body is the broker's (``Proxy error``), and a 404-like answer when the broker is
+        not a proxy at all (the daemon 0.7.2). ``response`` is None when aiohttp raised already.
+        """
+        url = request_info.url
+        if url is None or url.scheme not in _PLAIN_SCHEMES or headers is None:
+            return None
+        kind = headers.get("X-Proxy-Error")
+        if status in (404, 405, 501):
+            if kind or not await self.not_a_proxy():
+                return None
+            from .._transport import not_a_proxy_message
+
+            return self.errors.ClientHttpProxyError(  # type: ignore[no-any-return]
+                request_info, history, status=status, headers=headers,
+                message=not_a_proxy_message(self.broker, status, _destination(url)))
+        if status == 403 and not kind:
+            explained = await ask_broker_reason(self.host, self.port, str(url))
+            if explained is None:
+                return None  # the policy allows the URL: the upstream's own 403
+            return await self.refused(request_info, history, status, "", headers, explained)
+        if status not in (403, 502):
+            return None
+        body = b""
+        if response is not None and (kind or _short(headers)):
+            body = await response.read()
+        if not kind and body.strip() not in FORWARD_REFUSAL_BODIES:
+            return None  # an upstream's own 502
+        reason = body.decode("utf-8", "replace").strip() or (getattr(response, "reason", None) or "")
+        return await self.refused(request_info, history, status, reason, headers)
+
+    async def not_a_proxy(self) -> bool:
+        from .._transport import TUNNEL, probe
+
+        choice = await asyncio.get_running_loop().run_in_executor(None, probe, self.config)
+        return choice is not None and choice.transport != TUNNEL
+
+    async def refused(self, request_info: Any, history: Any, status: Optional[int], reason: Any, headers: Any,
+                      explained: Optional[str] = None) -> Exception:
         """aiohttp's own ``ClientHttpProxyError``, with a message people can act on."""
         kind = headers.get("X-Proxy-Error") if headers is not None else None
         url = request_info.url
+        if status in (404, 405, 501) and not kind:  # CONNECT itself is not served
+            from .._transport import forget, not_a_proxy_message
+
+            forget(self.config)
+            return self.errors.ClientHttpProxyError(  # type: ignore[no-any-return]
+                request_info, history, status=status, headers=headers,
+                message=not_a_proxy_message(self.broker, status or 0, _destination(url)))
         why = "%s %s" % (status, reason or "")
         if kind:
             why = "%s, %s" % (why.strip(), kind)
         if status == 403 and kind in (None, "blocked-by-policy"):
-            plain = getattr(url, "scheme", None) in _PLAIN_SCHEMES
-            target = str(url) if plain else _destination(url).split("://", 1)[-1]
-            explained = await ask_broker_reason(self.host, self.port, target)
+            if explained is None:
+                plain = getattr(url, "scheme", None) in _PLAIN_SCHEMES
+                target = str(url) if plain else _destination(url).split("://", 1)[-1]
+                explained = await ask_broker_reason(self.host, self.port, target)
             if explained:
                 why = "%s: %s" % (why.strip(), explained)
         message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(url), why.strip())
@@ -182,16 +287,10 @@ class _Router:
         )
 
 
-def _is_forward_refusal(url: Any, status: Optional[int], headers: Any) -> bool:
-    """Could this answer to a plain-HTTP request be the broker's refusal (rather than the upstream's)?"""
-    if url is None or url.scheme not in _PLAIN_SCHEMES or status not in (403, 502):
-        return False
-    if headers is None:
-        return False
-    if "X-Proxy-Error" in headers:
-        return True
+def _short(headers: Any) -> bool:
+    """Could this answer's body be one of the broker's short refusal texts (any framing)?"""
     length = headers.get("Content-Length")
-    return length is not None and length.strip() in ("11", "32", "12", "33")
+    return length is None or (length.strip().isdigit() and int(length) <= 64)
 
 
 def _destination(url: Any) -> str:

@@ -10,7 +10,7 @@ import collections
 import errno
 import functools
 from types import ModuleType
-from typing import Any, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, Optional, Tuple
 
 from .._config import Config
 from .._rpc import (
@@ -44,8 +44,11 @@ from . import guard_lets_through
 _FEED_SIZE = 1 << 16
 
 
-def install(module: ModuleType, config: Config) -> Optional[type]:
-    """Patch ``TCPConnector._create_connection``; returns the ``TunnelOnlyError`` class (None if done already)."""
+def install(module: ModuleType, config: Config, active: Optional[Callable[[], bool]] = None) -> Optional[type]:
+    """Patch ``TCPConnector._create_connection``; returns the ``TunnelOnlyError`` class (None if done already).
+
+    ``active`` (``AGENSHIELD_TRANSPORT=auto``) says whether the rpc transport is the one in use.
+    """
     connector_class = module.TCPConnector
     original = connector_class._create_connection
     if getattr(original, "__agenshield_original__", None) is not None:
@@ -54,6 +57,8 @@ def install(module: ModuleType, config: Config) -> Optional[type]:
 
     @functools.wraps(original)
     async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
+        if active is not None and not active():
+            return await original(self, req, traces, timeout)
         # An application proxy is never contacted: with one, the request goes to the broker too.
         if not req.proxy and guard_lets_through(req.url.raw_host, req.port):
             return await original(self, req, traces, timeout)

@@ -60,6 +60,7 @@ TARGET = "http.client"
 #: Instance-dict keys of our own (a connection's ``__dict__`` is the only per-connection state we keep).
 _BUSY = "_agenshield_routing"  # set while a routed connect() runs: nested super().connect() passes through
 _ABSOLUTE = "_agenshield_absolute"  # (host, port) of the pending absolute-form request, if any
+_URL = "_agenshield_url"  # and its URL, as the caller wrote it
 _ROUTED = "_agenshield_routed"  # ("tunnel" | "forward", destination) of the live socket, if routed
 #: What a routed connect() shadows or changes on the instance, restored afterwards.
 _SAVED = (
@@ -184,7 +185,7 @@ def _wrap_getresponse(original: Callable[..., Any]) -> Callable[..., Any]:
     def getresponse(self: Any, *args: Any, **kwargs: Any) -> Any:
         response = original(self, *args, **kwargs)
         routed = self.__dict__.get(_ROUTED)
-        if routed is not None and routed[0] == "forward" and response.status == 403:
+        if routed is not None and routed[0] == "forward" and response.status in _FORWARD_SUSPECT:
             _raise_forward_refusal(self, response)
         return response
 
@@ -192,25 +193,67 @@ def _wrap_getresponse(original: Callable[..., Any]) -> Callable[..., Any]:
     return getresponse
 
 
+#: Answers to a forwarded request that may be the broker's rather than the upstream's.
+_FORWARD_SUSPECT = (403, 404, 405, 501)
+
+
 def _raise_forward_refusal(conn: Any, response: Any) -> None:
-    """The broker's forward proxy refused the request's URL: the same error as a refused tunnel."""
-    kind = response.getheader("X-Proxy-Error") or ""
-    if kind != "blocked-by-policy":
-        return  # an upstream's own 403, passed through
+    """The broker's forward proxy refused the request's URL: the same error as a refused tunnel.
+
+    Recognised whatever its framing: by ``X-Proxy-Error``, or (the daemon sends none on forwards)
+    by asking the broker's ``policy_check`` about the URL; an upstream's own 403 is passed through.
+    A 404-like answer from a broker that is not a proxy at all (the daemon 0.7.2) is that error.
+    """
     config = active_config()
+    if config is None:
+        return
     target = conn.__dict__.get(_ABSOLUTE) or (conn.host, conn.port)
+    route = _Route(config, "forward", target)
+    kind = response.getheader("X-Proxy-Error") or ""
+    if response.status != 403:
+        if kind or not _not_a_proxy(config, conn):
+            return
+        conn.close()
+        from .._transport import not_a_proxy_message
+
+        raise _library_error(conn, route, BrokerTunnelError(
+            not_a_proxy_message(route.broker, response.status, route.destination),
+            route.destination, route.broker, response.status))
+    reason = response.getheader("X-Proxy-Error-Reason")  # the reference broker's rule reason
+    if kind != "blocked-by-policy":
+        if kind or config.broker_socket:
+            return  # an upstream's own 403, passed through
+        from .._broker_client import ask_broker_reason_sync
+
+        reason = ask_broker_reason_sync(config.broker_host, config.broker_port, _url_of(conn))
+        if reason is None:
+            return  # the policy allows the URL: the upstream's own 403
+        kind = "blocked-by-policy"
     try:
         body = response.read(_REASON_LIMIT)
     except Exception:
         body = b""
-    reason = response.getheader("X-Proxy-Error-Reason")  # the reference broker's rule reason
     if reason:
         body = b"%s: %s" % (body.strip(), reason.encode("ascii", "replace"))
     conn.close()
-    route = _Route(config, "forward", target) if config is not None else None
-    if route is None:
-        return
     raise _library_error(conn, route, _refusal(route, response.status, response.reason, kind, body))
+
+
+def _url_of(conn: Any) -> str:
+    """The absolute URL of the request a forwarded response answers."""
+    url = conn.__dict__.get(_URL)
+    if url:
+        return str(url)
+    host, port = conn.__dict__.get(_ABSOLUTE) or (conn.host, conn.port)
+    return "http://%s/" % _authority(host, port)
+
+
+def _not_a_proxy(config: "Config", conn: Any) -> bool:
+    """Is the broker something that does not tunnel? (Asked only on a 404-like forwarded answer.)"""
+    from .._transport import TUNNEL, probe
+
+    choice = probe(config, conn.timeout if isinstance(conn.timeout, (int, float)) else None)
+    return choice is not None and choice.transport != TUNNEL
 
 
 def _wrap_connect(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -276,21 +319,21 @@ def _plan(conn: Any) -> Optional[_Route]:
     config = active_config()
     if config is None:
         return None
-    tunnel_host = getattr(conn, "_tunnel_host", None)
-    if config.transport == "rpc":
-        if tunnel_host:  # the real destination; the application's proxy is not used
-            return _Route(config, "rpc", (tunnel_host, conn._tunnel_port))
-        if guard_lets_through(conn.host, conn.port):
-            return None
-        return _Route(config, "rpc", (conn.host, conn.port))  # absolute-form targets are read per request
-    if config.transport != "tunnel":
-        return None
-    if tunnel_host:  # set_tunnel / a tunnelling proxy: the broker replaces the proxy
-        return _Route(config, "tunnel", (tunnel_host, conn._tunnel_port))
+    tunnel_host = getattr(conn, "_tunnel_host", None)  # set_tunnel / a tunnelling proxy: the broker replaces it
     host, port = conn.host, conn.port
-    if guard_lets_through(host, port):  # the broker itself, or a destination the guard lets through
+    if not tunnel_host and guard_lets_through(host, port):  # the broker itself, or what the guard lets through
         return None
-    absolute = conn.__dict__.get(_ABSOLUTE)
+    transport = config.transport
+    if transport == "auto":
+        from .._transport import choose
+
+        transport = choose(config, conn.timeout if isinstance(conn.timeout, (int, float)) else None)
+    target = (tunnel_host, conn._tunnel_port) if tunnel_host else (host, port)
+    if transport == "rpc":  # absolute-form targets are read per request
+        return _Route(config, "rpc", target)
+    if transport != "tunnel":
+        return None
+    absolute = None if tunnel_host else conn.__dict__.get(_ABSOLUTE)
     if absolute is not None:  # requests in absolute form: the caller talks to a forwarding proxy
         if _is_tls(conn):
             raise _library_error(conn, _Route(config, "forward", absolute), BrokerTunnelError(
@@ -299,7 +342,7 @@ def _plan(conn: Any) -> Optional[_Route]:
                 % (_authority(host, port), _broker_name(config)),
                 _authority(*absolute), _broker_name(config)))
         return _Route(config, "forward", absolute)
-    return _Route(config, "tunnel", (host, port))
+    return _Route(config, "tunnel", target)
 
 
 def _broker_name(config: "Config") -> str:
@@ -322,6 +365,7 @@ def _note_request_target(conn: Any, url: Any) -> None:
     scheme = url[:8].lower() if isinstance(url, str) else ""
     if not (scheme.startswith("http://") or scheme.startswith("https://")):
         state.pop(_ABSOLUTE, None)
+        state.pop(_URL, None)
         return
     try:
         parts = urlsplit(url)
@@ -330,6 +374,7 @@ def _note_request_target(conn: Any, url: Any) -> None:
     except ValueError:
         return  # the library reports a malformed URL itself
     state[_ABSOLUTE] = (host, port)
+    state[_URL] = url
     routed = state.get(_ROUTED)
     if routed is None or getattr(conn, "sock", None) is None:
         return
@@ -474,17 +519,29 @@ def _tunnel(conn: Any, route: _Route) -> None:
         raise _library_timeout(conn, route, exc) from exc
     except (OSError, _http.HTTPException) as exc:
         conn.close()
-        error = BrokerTunnelError(
-            "AgenShield: the broker at %s broke off while opening a tunnel to %s (%s)"
-            % (route.broker, route.destination, exc or type(exc).__name__),
-            route.destination, route.broker,
-        )
+        if _not_a_proxy(route.config, conn):  # the daemon 0.7.2 drops a CONNECT without a word
+            from .._transport import CLOSED, not_a_proxy_message
+
+            error = BrokerTunnelError(not_a_proxy_message(route.broker, CLOSED, route.destination),
+                                      route.destination, route.broker)
+        else:
+            error = BrokerTunnelError(
+                "AgenShield: the broker at %s broke off while opening a tunnel to %s (%s)"
+                % (route.broker, route.destination, exc or type(exc).__name__),
+                route.destination, route.broker,
+            )
         raise _library_error(conn, route, error) from exc
     conn.close()
     raise _library_error(conn, route, _refusal(route, status, reason, kind, body))
 
 
 def _refusal(route: _Route, status: int, reason: str, kind: str, body: bytes) -> OSError:
+    from .._transport import NOT_A_PROXY, forget, not_a_proxy_message  # the refusal path only
+
+    if status in NOT_A_PROXY and not kind:  # CONNECT itself is not served: the daemon 0.7.2
+        forget(route.config)
+        return BrokerTunnelError(not_a_proxy_message(route.broker, status, route.destination),
+                                 route.destination, route.broker, status)
     text = body.decode("utf-8", "replace").strip() or reason
     detail = "%d %s%s: %s" % (status, reason, " (%s)" % kind if kind else "", text)
     if status == 403 or kind == "blocked-by-policy":

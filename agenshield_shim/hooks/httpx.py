@@ -57,8 +57,6 @@ from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, ask_brok
 TARGET = "httpx"
 
 _ROUTED = "_agenshield_routed"
-#: Plain-text bodies of the broker's forward-proxy refusals (the daemon's, without X-Proxy-Error).
-_MAX_REFUSAL_BODY = 4096
 
 
 def install(module: ModuleType) -> None:
@@ -68,7 +66,7 @@ def install(module: ModuleType) -> None:
     from .._boot import active_config
 
     config = active_config()
-    if config is None or config.transport not in ("tunnel", "rpc"):
+    if config is None or config.transport not in ("auto", "tunnel", "rpc"):
         return
     sync_cls, async_cls = module.HTTPTransport, module.AsyncHTTPTransport
     if config.transport == "rpc":
@@ -76,12 +74,56 @@ def install(module: ModuleType) -> None:
 
         httpx_rpc.install(module, config)
         return
-    errors = _Errors(module, config.broker_host, config.broker_port, config.broker)
+    errors = _Errors(module, config)
+    auto = _Auto(module, config) if config.transport == "auto" else None
     proxy_url = broker_url(config.broker_host, config.broker_port)
     for cls in (sync_cls, async_cls):
         cls.__init__ = _routed_init(cls.__init__, lambda: module.Proxy(proxy_url))
-    sync_cls.handle_request = _sync_handler(sync_cls.handle_request, errors)
-    async_cls.handle_async_request = _async_handler(async_cls.handle_async_request, errors)
+    sync_cls.handle_request = _sync_handler(sync_cls.handle_request, errors, auto)
+    async_cls.handle_async_request = _async_handler(async_cls.handle_async_request, errors, auto)
+
+
+class _Auto:
+    """``AGENSHIELD_TRANSPORT=auto``: transports are built for the tunnel (the broker as their
+    proxy); a request goes the rpc way instead once the broker turned out not to tunnel."""
+
+    def __init__(self, module: ModuleType, config: Any) -> None:
+        self.module = module
+        self.config = config
+        self._route: Any = None
+
+    def route(self) -> Any:
+        if self._route is None:
+            from . import httpx_rpc  # the rpc core loads only when the rpc transport is used
+
+            self._route = httpx_rpc.RpcRoute(self.module, self.config)
+        return self._route
+
+    def rpc(self, request: Any) -> bool:
+        from .._transport import RPC, choose
+
+        return choose(self.config, _connect_timeout(request)) == RPC
+
+    async def rpc_async(self, request: Any) -> bool:
+        from .._transport import RPC, choose, choose_async, chosen
+
+        choice = chosen(self.config)
+        if choice is not None:
+            return choice.transport == RPC
+        try:
+            import asyncio
+
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio: the probe in a worker thread
+            import anyio.to_thread
+
+            return await anyio.to_thread.run_sync(choose, self.config, _connect_timeout(request)) == RPC
+        return await choose_async(self.config, _connect_timeout(request)) == RPC
+
+
+def _connect_timeout(request: Any) -> Optional[float]:
+    value = (request.extensions.get("timeout") or {}).get("connect")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # -- construction -----------------------------------------------------------------------------
@@ -130,16 +172,24 @@ def _routed_init(original: Callable[..., None], proxy_for: Callable[[], Any]) ->
 class _Errors:
     """Turns httpx's proxy errors, as they come out of a routed transport, into clear ones."""
 
-    def __init__(self, module: ModuleType, host: str, port: int, broker: str) -> None:
+    def __init__(self, module: ModuleType, config: Any) -> None:
         self.module = module
-        self.host = host
-        self.port = port
-        self.broker = broker
+        self.config = config
+        self.host = config.broker_host
+        self.port = config.broker_port
+        self.broker = config.broker
         import ssl
 
         self.tls_errors = (ssl.SSLError, ssl.CertificateError)
 
     def refused(self, request: Any, why: str, explained: Optional[str] = None) -> Exception:
+        status = why[:3]
+        if status in ("404", "405", "501") and "," not in why:  # CONNECT itself is not served
+            from .._transport import forget, not_a_proxy_message
+
+            forget(self.config)
+            message = not_a_proxy_message(self.broker, int(status), _destination(request.url))
+            return self.module.ProxyError(message, request=request)  # type: ignore[no-any-return]
         if explained:
             why = "%s: %s" % (why, explained)
         message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(request.url), why)
@@ -161,12 +211,12 @@ class _Errors:
         target = self.policy_target(request, why)
         if target is None:
             return None
-        try:  # the asyncio backend (the common one); under trio the message goes without it
+        try:  # the asyncio backend (the common one); under trio the sync call in a worker thread
             import asyncio
 
             asyncio.get_running_loop()
         except RuntimeError:
-            return None
+            return await _in_thread(ask_broker_reason_sync, self.host, self.port, target)  # type: ignore[no-any-return]
         return await ask_broker_reason(self.host, self.port, target)
 
     def translate(self, exc: Exception, request: Any) -> Optional[Exception]:
@@ -184,6 +234,12 @@ class _Errors:
                 self.broker, exc,
             )
             return module.ConnectError(message, request=request)  # type: ignore[no-any-return]
+        if isinstance(exc, (module.RemoteProtocolError, module.ReadError)) and request.url.scheme == "https" \
+                and self.not_a_proxy(request):  # the daemon 0.7.2 drops a CONNECT without a word
+            from .._transport import CLOSED, not_a_proxy_message
+
+            message = not_a_proxy_message(self.broker, CLOSED, _destination(request.url))
+            return module.ProxyError(message, request=request)  # type: ignore[no-any-return]
         return None
 
     def _is_tls(self, exc: BaseException) -> bool:
@@ -196,20 +252,40 @@ class _Errors:
             seen += 1
         return "SSL" in str(exc) or "certificate" in str(exc).lower()
 
-    def forward_refusal(self, request: Any, response: Any) -> Optional[bytes]:
-        """Whether this answer to a plain-HTTP request may be the broker's refusal (body still unread).
+    def suspect(self, request: Any, response: Any) -> Optional[str]:
+        """How to tell whether this answer to a plain-HTTP (forwarded) request is the broker's.
 
-        Returns None when it cannot be; b"" when the header says it is; else the body must be read.
+        None: it cannot be. ``"header"``: ``X-Proxy-Error`` says so (the reference broker). The daemon
+        sends no header on forwards, in any framing: ``"policy"`` for a 403 (the broker's
+        ``policy_check`` on the URL decides), ``"proxy"`` for a 404-like answer (a broker that is not
+        a proxy at all), ``"body"`` for a 502 whose body may be the broker's ``Proxy error``.
         """
-        if request.url.scheme != "http" or response.status_code not in (403, 502):
+        status = response.status_code
+        if request.url.scheme != "http" or status not in (403, 404, 405, 501, 502):
             return None
         headers = response.headers
         if "x-proxy-error" in headers:
-            return b""
+            return "header" if status in (403, 502) else None
+        if status == 403:
+            return "policy"
+        if status != 502:
+            return "proxy"
         length = headers.get("content-length")
-        if length is None or length.strip() not in ("11", "32", "12", "33"):
+        if length is not None and not (length.strip().isdigit() and int(length) <= 64):
             return None
-        return b"?"
+        return "body"
+
+    def not_a_proxy(self, request: Any) -> bool:
+        from .._transport import TUNNEL, probe
+
+        choice = probe(self.config, _connect_timeout(request))
+        return choice is not None and choice.transport != TUNNEL
+
+    def not_a_proxy_error(self, request: Any, response: Any) -> Exception:
+        from .._transport import not_a_proxy_message
+
+        message = not_a_proxy_message(self.broker, response.status_code, _destination(request.url))
+        return self.module.ProxyError(message, request=request)  # type: ignore[no-any-return]
 
     def refusal_reason(self, response: Any, body: bytes) -> str:
         kind = response.headers.get("x-proxy-error")
@@ -218,11 +294,13 @@ class _Errors:
         return "%s, %s" % (why, kind) if kind else why
 
 
-def _sync_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..., Any]:
+def _sync_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[_Auto]) -> Callable[..., Any]:
     @functools.wraps(original)
     def handle_request(self: Any, request: Any) -> Any:
         if not getattr(self, _ROUTED, False):
             return original(self, request)
+        if auto is not None and auto.rpc(request):
+            return auto.route().send(request)
         try:
             response = original(self, request)
         except Exception as exc:
@@ -232,10 +310,22 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors) -> Callable[...
             if better is exc:  # refused: httpcore says "<status> <reason>"
                 raise errors.refused(request, str(exc), errors.explain_sync(request, str(exc))) from exc
             raise better from exc
-        if errors.forward_refusal(request, response) is None:
+        suspect = errors.suspect(request, response)
+        if suspect is None:
             return response
+        if suspect == "proxy":
+            if not errors.not_a_proxy(request):
+                return response
+            response.close()
+            raise errors.not_a_proxy_error(request, response)
+        if suspect == "policy":
+            explained = errors.explain_sync(request, "403")
+            if explained is None:
+                return response  # the policy allows the URL: the upstream's own 403
+            response.close()
+            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
         body = _read_sync(response)
-        if "x-proxy-error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
+        if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
         raise errors.refused(request, why, errors.explain_sync(request, why))
@@ -244,11 +334,13 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors) -> Callable[...
     return handle_request
 
 
-def _async_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..., Any]:
+def _async_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[_Auto]) -> Callable[..., Any]:
     @functools.wraps(original)
     async def handle_async_request(self: Any, request: Any) -> Any:
         if not getattr(self, _ROUTED, False):
             return await original(self, request)
+        if auto is not None and await auto.rpc_async(request):
+            return await auto.route().send_async(request)
         try:
             response = await original(self, request)
         except Exception as exc:
@@ -259,10 +351,22 @@ def _async_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..
                 explained = await errors.explain_async(request, str(exc))
                 raise errors.refused(request, str(exc), explained) from exc
             raise better from exc
-        if errors.forward_refusal(request, response) is None:
+        suspect = errors.suspect(request, response)
+        if suspect is None:
             return response
+        if suspect == "proxy":
+            if not await _in_thread(errors.not_a_proxy, request):
+                return response
+            await response.aclose()
+            raise errors.not_a_proxy_error(request, response)
+        if suspect == "policy":
+            explained = await errors.explain_async(request, "403")
+            if explained is None:
+                return response  # the policy allows the URL: the upstream's own 403
+            await response.aclose()
+            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
         body = await _read_async(response)
-        if "x-proxy-error" not in response.headers and body.strip() not in FORWARD_REFUSAL_BODIES:
+        if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
         raise errors.refused(request, why, await errors.explain_async(request, why))
@@ -271,10 +375,23 @@ def _async_handler(original: Callable[..., Any], errors: _Errors) -> Callable[..
     return handle_async_request
 
 
-def _read_sync(response: Any) -> bytes:
-    """The raw body of a (small) transport-level response; the connection goes back to the pool."""
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """A blocking call (the transport probe, once per process) off the event loop, asyncio or trio."""
     try:
-        return b"".join(part for part in response.stream)[:_MAX_REFUSAL_BODY]
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(function, *args)
+    return await loop.run_in_executor(None, function, *args)
+
+
+def _read_sync(response: Any) -> bytes:
+    """The whole raw body of a transport-level response (a short one: see ``suspect``)."""
+    try:
+        return b"".join(part for part in response.stream)
     finally:
         response.stream.close()
 
@@ -286,7 +403,7 @@ async def _read_async(response: Any) -> bytes:
             chunks.append(part)
     finally:
         await response.stream.aclose()
-    return b"".join(chunks)[:_MAX_REFUSAL_BODY]
+    return b"".join(chunks)
 
 
 def _replay(module: ModuleType, response: Any, body: bytes) -> Any:

@@ -17,7 +17,7 @@ def install(module: ModuleType, config: Config) -> None:
     """Mark every transport built from now on as routed (its proxy dropped: nothing reaches httpcore),
     and answer a routed transport's requests with one call each."""
     sync_cls, async_cls = module.HTTPTransport, module.AsyncHTTPTransport
-    route = _RpcRoute(module, config)
+    route = RpcRoute(module, config)
     for cls in (sync_cls, async_cls):
         # dropping the application's proxy also spares building a proxy pool that would never be
         # used (a SOCKS one needs socksio)
@@ -26,7 +26,7 @@ def install(module: ModuleType, config: Config) -> None:
     async_cls.handle_async_request = _rpc_async_handler(async_cls.handle_async_request, route)
 
 
-class _RpcRoute:
+class RpcRoute:
     """One httpx request as one ``http_request`` call, and the answer as httpx's own ``Response``.
 
     Sans-IO apart from the call itself, so the sync and async handlers share everything else.
@@ -130,7 +130,7 @@ async def _call_async(config: Config, method: str, url: str, headers: List[Tuple
     return await _rpc.http_request_async(config, method, url, headers, body, timeout_s)
 
 
-def _rpc_sync_handler(original: Callable[..., Any], route: _RpcRoute) -> Callable[..., Any]:
+def _rpc_sync_handler(original: Callable[..., Any], route: RpcRoute) -> Callable[..., Any]:
     @functools.wraps(original)
     def handle_request(self: Any, request: Any) -> Any:
         if not getattr(self, _ROUTED, False):
@@ -141,7 +141,7 @@ def _rpc_sync_handler(original: Callable[..., Any], route: _RpcRoute) -> Callabl
     return handle_request
 
 
-def _rpc_async_handler(original: Callable[..., Any], route: _RpcRoute) -> Callable[..., Any]:
+def _rpc_async_handler(original: Callable[..., Any], route: RpcRoute) -> Callable[..., Any]:
     @functools.wraps(original)
     async def handle_async_request(self: Any, request: Any) -> Any:
         if not getattr(self, _ROUTED, False):

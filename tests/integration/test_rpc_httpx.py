@@ -604,11 +604,11 @@ def test_rpc_error_mapping_table(rpc_main_env: ShimEnv, rpc_broker: Any) -> None
         """
         import json, httpx
         from agenshield_shim import _boot, _rpc
-        from agenshield_shim.hooks.httpx_rpc import _RpcRoute
+        from agenshield_shim.hooks.httpx_rpc import RpcRoute
         config = _boot.active_config()
         url = "https://api.example.com/v1"
         request = httpx.Request("GET", url)
-        route = _RpcRoute(httpx, config)
+        route = RpcRoute(httpx, config)
         cases = {
             "denied": _rpc.error_for_code(1001, "Host 'api.example.com' is not allowed", "b", url, "GET"),
             "network": _rpc.error_for_code(1004, "Network error: connect ECONNREFUSED", "b", url, "GET"),
