@@ -51,7 +51,8 @@ def expect(cond, what):
 
 # The rpc transport (AGENSHIELD_TRANSPORT=rpc) buffers bodies; against a broker that carries text
 # only (the daemon, the reference broker's --compat) binary bodies must fail with a clear error.
-RPC = os.environ.get("AGENSHIELD_TRANSPORT") == "rpc"
+# EXPECT_RPC: the default transport (auto) against a broker that does not tunnel (the daemon 0.7.2) is rpc
+RPC = os.environ.get("AGENSHIELD_TRANSPORT") == "rpc" or os.environ.get("EXPECT_RPC") == "1"
 TEXT_ONLY = os.environ.get("EXPECT_TEXT_ONLY") == "1"
 
 def binary(fn):
@@ -471,8 +472,10 @@ class Route:
         self.name = name
         self.broker = broker
         self.env = dict(broker.env)
-        if name != "tunnel":
+        if name.startswith("rpc"):
             self.env["AGENSHIELD_TRANSPORT"] = "rpc"
+        if name != "tunnel":  # auto-*: the default transport, which finds rpc the daemon's only way
+            self.env["EXPECT_RPC"] = "1"
         if name in TEXT_ONLY_ROUTES:
             self.env["EXPECT_TEXT_ONLY"] = "1"
         if name in DAEMON_ROUTES:
@@ -498,13 +501,15 @@ class Route:
 
 #: The broker fixture of each route: tunnel, the default; rpc, AGENSHIELD_TRANSPORT=rpc with the
 #: reference broker's base64 bodies; rpc-compat, the same against the daemon's behaviour (--compat);
-#: rpc-daemon and rpc-daemon-unix, the real AgenShield daemon 0.7.2 (its HTTP fallback, its Unix socket).
+#: rpc-daemon and rpc-daemon-unix, the real AgenShield daemon 0.7.2 (its HTTP fallback, its Unix socket);
+#: auto-daemon and auto-daemon-unix, the same under the default transport (no AGENSHIELD_TRANSPORT).
 ROUTES = {"tunnel": "broker", "rpc": "rpc_broker", "rpc-compat": "compat_broker",
-          "rpc-daemon": "daemon_broker", "rpc-daemon-unix": "daemon_unix_broker"}
-#: Routes whose broker carries text bodies only: binary checks must fail clearly, naming the tunnel.
-TEXT_ONLY_ROUTES = ("rpc-compat", "rpc-daemon", "rpc-daemon-unix")
+          "rpc-daemon": "daemon_broker", "rpc-daemon-unix": "daemon_unix_broker",
+          "auto-daemon": "daemon_broker", "auto-daemon-unix": "daemon_unix_broker"}
 #: Routes through the real daemon (one Set-Cookie header per answer: see LAST_COOKIE_ONLY in PRELUDE).
-DAEMON_ROUTES = ("rpc-daemon", "rpc-daemon-unix")
+DAEMON_ROUTES = ("rpc-daemon", "rpc-daemon-unix", "auto-daemon", "auto-daemon-unix")
+#: Routes whose broker carries text bodies only: binary checks must fail clearly, naming the tunnel.
+TEXT_ONLY_ROUTES = ("rpc-compat",) + DAEMON_ROUTES
 
 
 @pytest.fixture(params=list(ROUTES))
@@ -559,7 +564,7 @@ print("done")
     assert len(broker.connects(target_of(upstream, "https"), mark)) == 1
 
 
-@pytest.fixture(params=["tunnel", "rpc", "rpc-daemon", "rpc-daemon-unix"])
+@pytest.fixture(params=["tunnel", "rpc", "rpc-daemon", "rpc-daemon-unix", "auto-daemon"])
 def concurrency_route(request: pytest.FixtureRequest) -> Route:
     """The brokers that carry binary bodies, and the daemon (its downloads are text)."""
     return Route(request.param, request.getfixturevalue(ROUTES[request.param]))
