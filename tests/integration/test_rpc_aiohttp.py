@@ -238,10 +238,12 @@ GET_SUITE = PRELUDE + textwrap.dedent(
 )
 
 
-#: The brokers AIOHTTP_SUITE runs against, by mode: "rpc" has the protocol extensions, the others
-#: carry text bodies only.
-SUITE_BROKERS = {"rpc": "rpc_broker", "compat": "compat_broker", "daemon": "daemon_broker",
-                 "daemon_unix": "daemon_unix_broker"}
+#: The brokers AIOHTTP_SUITE runs against, by mode, and the transport's variables: "rpc" has the
+#: protocol extensions, the others carry text bodies only; the *_auto modes run the daemon under the
+#: default transport (auto, which finds that the daemon serves rpc only).
+SUITE_BROKERS = {"rpc": ("rpc_broker", RPC), "compat": ("compat_broker", RPC), "daemon": ("daemon_broker", RPC),
+                 "daemon_unix": ("daemon_unix_broker", RPC), "daemon_auto": ("daemon_broker", {}),
+                 "daemon_unix_auto": ("daemon_unix_broker", {})}
 #: The daemon through each of its doors.
 DAEMONS = ["daemon_broker", "daemon_unix_broker"]
 
@@ -255,7 +257,7 @@ class Suite(NamedTuple):
     @property
     def text_only(self) -> bool:
         """A broker without the base64 extension: the compat broker, the daemon."""
-        return self.mode in ("compat", "daemon", "daemon_unix")
+        return self.mode == "compat" or self.daemon
 
     @property
     def daemon(self) -> bool:
@@ -283,9 +285,10 @@ def main_env(shim_env_factory: Any) -> ShimEnv:
 @pytest.fixture(scope="module", params=list(SUITE_BROKERS))
 def suite(request: pytest.FixtureRequest, main_env: ShimEnv, upstream: Any) -> Suite:
     """AIOHTTP_SUITE under rpc, against the broker with extensions, a ``--compat`` one and the daemon."""
-    broker = request.getfixturevalue(SUITE_BROKERS[request.param])
+    fixture, transport = SUITE_BROKERS[request.param]
+    broker = request.getfixturevalue(fixture)
     mark = broker.mark()
-    results = run_suite(main_env, AIOHTTP_SUITE, broker, upstream, extra_env=RPC)
+    results = run_suite(main_env, AIOHTTP_SUITE, broker, upstream, extra_env=transport)
     return Suite(request.param, broker, results, broker.audit(mark))
 
 

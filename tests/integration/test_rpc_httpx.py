@@ -216,16 +216,20 @@ def rpc_main_env(shim_env_factory: Any) -> ShimEnv:
     return shim_env_factory(*MAIN)  # type: ignore[no-any-return]
 
 
-def _suite_with_audit(env: ShimEnv, code: str, broker: Any, upstream: Any, **params: Any) -> Dict[str, Any]:
+def _suite_with_audit(env: ShimEnv, code: str, broker: Any, upstream: Any, transport: Dict[str, str] = RPC,
+                      **params: Any) -> Dict[str, Any]:
     mark = broker.mark()
-    results = run_suite(env, code, broker, upstream, extra_env=RPC, **params)
+    results = run_suite(env, code, broker, upstream, extra_env=transport, **params)
     results["audit"] = broker.audit(mark)
     return results
 
 
-#: HTTPX_SUITE's brokers by mode: "rpc" has the protocol extensions, the others carry text bodies only.
-SUITE_BROKERS = {"rpc": "rpc_broker", "compat": "compat_broker", "daemon": "daemon_broker",
-                 "daemon_unix": "daemon_unix_broker"}
+#: HTTPX_SUITE's brokers by mode, and the transport's variables: "rpc" has the protocol extensions, the
+#: others carry text bodies only; the *_auto modes run the daemon under the default transport (auto,
+#: which finds that the daemon serves rpc only).
+SUITE_BROKERS = {"rpc": ("rpc_broker", RPC), "compat": ("compat_broker", RPC), "daemon": ("daemon_broker", RPC),
+                 "daemon_unix": ("daemon_unix_broker", RPC), "daemon_auto": ("daemon_broker", {}),
+                 "daemon_unix_auto": ("daemon_unix_broker", {})}
 #: The daemon through each of its doors.
 DAEMONS = ["daemon_broker", "daemon_unix_broker"]
 
@@ -237,8 +241,9 @@ def _suites(rpc_main_env: ShimEnv, upstream: Any, request: pytest.FixtureRequest
 
     def suite(mode: str) -> Dict[str, Any]:
         if mode not in done:
-            broker = request.getfixturevalue(SUITE_BROKERS[mode])
-            done[mode] = _suite_with_audit(rpc_main_env, HTTPX_SUITE, broker, upstream)
+            fixture, transport = SUITE_BROKERS[mode]
+            broker = request.getfixturevalue(fixture)
+            done[mode] = _suite_with_audit(rpc_main_env, HTTPX_SUITE, broker, upstream, transport)
             done[mode]["mode"] = mode
             done[mode]["broker"] = broker
         return done[mode]
@@ -252,9 +257,9 @@ def rpc_results(_suites: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
     return _suites("rpc")
 
 
-@pytest.fixture(scope="module", params=["compat", "daemon", "daemon_unix"])
+@pytest.fixture(scope="module", params=["compat", "daemon", "daemon_unix", "daemon_auto", "daemon_unix_auto"])
 def compat_results(request: pytest.FixtureRequest, _suites: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
-    """The brokers without extensions: ``--compat`` and the daemon (HTTP, Unix socket)."""
+    """The brokers without extensions: ``--compat`` and the daemon (HTTP, Unix socket; rpc and auto)."""
     return _suites(request.param)
 
 
