@@ -26,6 +26,7 @@ from .test_routing_async import (
     PRELUDE,
     SCHEMES,
     SMOKE_SUITE,
+    SOCKET_DOWN_UNDER_AUTO,
     assert_concurrent_answers,
     assert_methods_and_query,
     assert_refusal,
@@ -561,14 +562,15 @@ def test_refusal_by_policy_names_the_rule(main_env: ShimEnv, deny_broker: Any, u
     assert len(denied) == 2 and all(e["result"] == "denied" for e in denied), denied
 
 
+@pytest.mark.parametrize("transport", ["rpc", "auto"])
 @pytest.mark.parametrize("daemon", DAEMONS)
-def test_daemon_refusal_names_its_reason(main_env: ShimEnv, upstream: Any, tcp_listener: Any, daemon: str,
+def test_daemon_refusal_names_its_reason(main_env: ShimEnv, upstream: Any, tcp_listener: Any, daemon: str, transport: str,
                                          request: pytest.FixtureRequest) -> None:
     """The daemon's built-in policy refuses 127.0.0.2: ClientHttpProxyError with its reason, nothing arrives."""
     broker = request.getfixturevalue(daemon)
     mark = broker.mark()
     where = "%s:%d" % (tcp_listener.host, tcp_listener.port)
-    results = run_suite(main_env, GET_SUITE, broker, upstream, extra_env=RPC,
+    results = run_suite(main_env, GET_SUITE, broker, upstream, extra_env=RPC if transport == "rpc" else {},
                         http_url="http://" + where, https_url="https://" + where)
     for tag in SCHEMES:
         entry = error(results, tag)
@@ -606,13 +608,17 @@ def test_broker_down_fast_clear_error(main_env: ShimEnv, broker: Any, upstream: 
         assert entry["elapsed"] < 2.0, entry
 
 
+@pytest.mark.parametrize("transport", ["rpc", "auto"])
 @pytest.mark.parametrize("door", ["http", "unix"])
-def test_stopped_daemon_fast_clear_error(main_env: ShimEnv, upstream: Any, start_daemon: Any, door: str) -> None:
+def test_stopped_daemon_fast_clear_error(main_env: ShimEnv, upstream: Any, start_daemon: Any, door: str,
+                                         transport: str, request: pytest.FixtureRequest) -> None:
     """The daemon stopped (its port closed, its socket gone): the same error as any broker that is down."""
+    if door == "unix" and transport == "auto":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SOCKET_DOWN_UNDER_AUTO))
     daemon = start_daemon(ca_file=str(upstream.ca_file), unix=door == "unix")
     daemon.stop()
     where = "unix:" + daemon.socket_path if door == "unix" else "127.0.0.1:%d" % daemon.port
-    results = run_suite(main_env, GET_SUITE, daemon, upstream, extra_env=RPC)
+    results = run_suite(main_env, GET_SUITE, daemon, upstream, extra_env=RPC if transport == "rpc" else {})
     for tag in SCHEMES:
         entry = error(results, tag)
         assert entry["error"] == "ClientProxyConnectionError", entry
