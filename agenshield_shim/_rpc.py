@@ -49,7 +49,8 @@ LOCAL_GRACE_S = 1.0
 MAX_HEAD = 64 * 1024
 #: Largest answer line from the broker's Unix socket (a 10 MiB body, base64, with its envelope).
 MAX_LINE = 64 * 1024 * 1024
-TUNNEL_HINT = "set AGENSHIELD_TRANSPORT=tunnel (the default transport) to carry binary bodies"
+TUNNEL_HINT = ("set AGENSHIELD_TRANSPORT=tunnel (or auto, the default) with a broker that tunnels, such as the "
+               "reference broker, to carry binary bodies")
 
 HeadersIn = Union[Mapping[Any, Any], Iterable[Tuple[Any, Any]], None]
 BodyIn = Union[bytes, bytearray, memoryview, str, None]

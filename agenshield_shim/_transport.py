@@ -17,7 +17,8 @@ The probe, cheapest first:
    allows it connects nowhere (the kernel refuses port 0 locally); it costs one audit line.
 
 A broker that cannot be reached, or does not answer in time, decides nothing: nothing is cached and
-the connection goes the tunnel's way, whose own error says that the broker is down.
+the connection goes the way whose own error says that the broker is down, naming it as configured:
+rpc for a Unix socket (both brokers speak JSON-RPC lines there), else the tunnel.
 """
 
 import threading
@@ -74,7 +75,9 @@ def choose(config: Config, deadline_s: "Optional[float]" = None) -> str:
     if config.transport != "auto":
         return config.transport
     choice = probe(config, deadline_s)
-    return TUNNEL if choice is None else choice.transport
+    if choice is None:  # nothing learned: the way whose error names the broker as configured
+        return RPC if config.broker_socket else TUNNEL
+    return choice.transport
 
 
 def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Choice]":
@@ -94,10 +97,11 @@ def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Cho
             if choice is None:
                 return None
             _probed[key] = choice
-            from ._log import get_logger
+            from . import _log
 
-            get_logger().info("AgenShield: transport %s for the broker at %s (%s)",
-                              choice.transport, _broker_name(config), choice.reason)
+            if _log.enabled("info"):
+                _log.get_logger().info("AgenShield: transport %s for the broker at %s (%s)",
+                                       choice.transport, _broker_name(config), choice.reason)
     return choice
 
 

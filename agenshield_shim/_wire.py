@@ -20,7 +20,7 @@ from ._rpc import RpcProtocolError, RpcResponse
 
 #: Largest request head accepted from the library (http.client itself allows 100 header lines).
 MAX_HEAD = 256 * 1024
-TUNNEL_ONLY_HINT = "set AGENSHIELD_TRANSPORT=tunnel (the default transport) for this"
+TUNNEL_ONLY_HINT = "set AGENSHIELD_TRANSPORT=tunnel (or auto, the default) with a broker that tunnels for this"
 #: The interim answer a virtual connection gives itself when a request's head asks for it
 #: (``RequestAssembler.take_continue``): the broker only ever sees whole requests.
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"

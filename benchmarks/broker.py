@@ -52,12 +52,28 @@ def run_upstream() -> None:
         return resp
 
     async def small(req: web.Request) -> web.Response:
-        return web.Response(body=b"ok")
+        return web.Response(text="ok")  # text: a broker that carries text bodies only (the daemon) carries it
+
+    text_block = bytes(range(0x20, 0x7f)) * ((1 << 20) // 95 + 1)
+
+    async def text(req: web.Request) -> web.StreamResponse:
+        """``/big`` as ASCII text: what a broker that carries text bodies only (the daemon) can carry."""
+        n = int(req.query.get("n", str(10 * 1000 * 1000)))
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=ascii"})
+        resp.content_length = n
+        await resp.prepare(req)
+        sent = 0
+        while sent < n:
+            part = text_block[: min(len(text_block), n - sent)]
+            await resp.write(part)
+            sent += len(part)
+        return resp
 
     async def main() -> None:
         app = web.Application()
         app.router.add_get("/big", big)
         app.router.add_get("/small", small)
+        app.router.add_get("/text", text)
         runner = web.AppRunner(app, access_log=None, handle_signals=True)
         await runner.setup()
         site = web.TCPSite(runner, HOST, 0, backlog=2048)

@@ -11,6 +11,13 @@ upstream, in its own process) and one reference broker (the real CLI, in its own
 * **rpc**: the shim with ``AGENSHIELD_TRANSPORT=rpc`` (each request one JSON-RPC ``http_request``
   call, bodies buffered and base64-encoded), reported against the tunnel (the ``shim`` row).
 
+Then the AgenShield daemon (``@agenshield/broker`` 0.7.2 from the npm registry, ``tests/daemon.py``)
+beside the reference broker, in the same interleaved rounds: the shim with its default transport
+(``auto``, which picks rpc for the daemon) against the daemon over HTTP and over its Unix socket,
+and ``rpc`` against the reference broker; downloads are ASCII text here (``/text``), the only
+bodies the daemon carries. Last, what the ``auto`` probe costs once per process: the median of
+``_transport.probe`` in fresh interpreters, for each broker.
+
 For requests, httpx and aiohttp: the median latency of small keep-alive GETs on one session, and
 the best throughput of ten 10 MB downloads; every library and mode runs in each of five rounds,
 in a new random order each round. Then the first-import cost of each library
@@ -32,14 +39,17 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venvs import ROOT, build_wheel, clean_env, make_venv, python_version  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from tests.daemon import Daemon  # noqa: E402
+
 LIBRARIES = ("requests", "httpx", "aiohttp")
 
 CLIENT = r'''
 import json, sys, time
 lib, mode, base, broker, n, size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-rounds = int(sys.argv[7])
+rounds, big_path = int(sys.argv[7]), sys.argv[8]
 proxy = broker if mode == "by hand" else None  # shim and rpc: no proxy setting, the hooks route
-small, big = base + "/small", base + "/big?n=%d" % size
+small, big = base + "/small", base + big_path + "?n=%d" % size
 lat, rates = [], []
 if lib == "requests":
     import requests
@@ -90,6 +100,34 @@ def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess
     raise RuntimeError("%s did not start" % cmd)
 
 
+TEXT_MODES = ("ref rpc", "daemon", "daemon unix")
+
+PROBE = r'''
+import sys, time
+t = time.perf_counter()
+import socket  # what every HTTP library has imported before its first request
+from agenshield_shim import _boot, _transport, _rpc  # what the probe loads (the rpc core: its ping)
+config = _boot.active_config()
+loaded = time.perf_counter()
+choice = _transport.probe(config)
+done = time.perf_counter()
+print(loaded - t, done - loaded, choice.transport)
+'''
+
+
+def probe_cost(python: str, variables: Dict[str, str], runs: int) -> Tuple[float, float]:
+    """Median cost of the ``auto`` transport's probe (once per process) in fresh interpreters:
+    loading its modules, and the questions to the broker."""
+    loads, asks = [], []
+    for _ in range(runs):
+        out = subprocess.run([python, "-c", PROBE], env=clean_env(**variables), capture_output=True, text=True,
+                             timeout=60, check=True)
+        load, ask, _ = out.stdout.split()
+        loads.append(float(load))
+        asks.append(float(ask))
+    return statistics.median(loads), statistics.median(asks)
+
+
 def import_costs(bare: str, shim: str, module: str, runs: int) -> Tuple[float, float]:
     """First-import time of ``module`` (``import X`` minus ``pass``) without and with the shim.
 
@@ -138,22 +176,31 @@ def main() -> int:
             "listening", env,
         )
         broker_port = int(ready.read_text().strip().rsplit(":", 1)[1])
+        daemon = Daemon(tmp / "daemon")
         try:
             base = "http://127.0.0.1:%d" % up_port
             broker_url = "http://127.0.0.1:%d" % broker_port
             samples: Dict[Tuple[str, str], Dict[str, List[float]]] = {}
+            reference = {"AGENSHIELD_BROKER_HOST": "127.0.0.1", "AGENSHIELD_BROKER_PORT": str(broker_port)}
+            on_daemon = {"AGENSHIELD_BROKER_HOST": "127.0.0.1", "AGENSHIELD_BROKER_PORT": str(daemon.port)}
+            variables_of = {
+                "shim": reference, "by hand": reference, "direct": reference,
+                "rpc": dict(reference, AGENSHIELD_TRANSPORT="rpc"),
+                "ref rpc": dict(reference, AGENSHIELD_TRANSPORT="rpc"),
+                "daemon": on_daemon,
+                "daemon unix": dict(on_daemon, AGENSHIELD_BROKER_SOCKET=daemon.socket_path),
+            }
             runs = [(lib, mode, python) for lib in LIBRARIES
-                    for mode, python in (("shim", shim), ("rpc", shim), ("by hand", bare), ("direct", bare))]
+                    for mode, python in (("shim", shim), ("rpc", shim), ("by hand", bare), ("direct", bare),
+                                         ("ref rpc", shim), ("daemon", shim), ("daemon unix", shim))]
             for _ in range(args.rounds):  # interleaved in a new random order each round: load shifts hit all modes
                 random.shuffle(runs)
                 for lib, mode, python in runs:
-                    variables = {"AGENSHIELD_BROKER_PORT": str(broker_port)}
-                    if mode == "rpc":
-                        variables["AGENSHIELD_TRANSPORT"] = "rpc"
+                    big_path = "/text" if mode in TEXT_MODES else "/big"
                     out = subprocess.run(
                         [python, "-c", CLIENT, lib, mode, base, broker_url, str(args.requests // args.rounds),
-                         str(size), "2"],
-                        env=clean_env(**variables), capture_output=True, text=True, timeout=600,
+                         str(size), "2", big_path],
+                        env=clean_env(**variables_of[mode]), capture_output=True, text=True, timeout=600,
                     )
                     if out.returncode != 0:
                         raise RuntimeError("%s %s failed:\n%s" % (lib, mode, out.stderr))
@@ -164,7 +211,12 @@ def main() -> int:
             results = {key: {"latency": statistics.median(v["latencies"]), "rate": max(v["rates"])}
                        for key, v in samples.items()}
             costs = {lib: import_costs(bare, shim, lib, args.import_runs) for lib in LIBRARIES}
+            probes = {name: probe_cost(shim, variables_of[mode], args.import_runs)
+                      for name, mode in (("reference broker (ping)", "shim"),
+                                         ("daemon, HTTP (ping + CONNECT)", "daemon"),
+                                         ("daemon, Unix socket (ping)", "daemon unix"))}
         finally:
+            daemon.stop()
             broker.terminate()
             upstream.terminate()
             broker.wait(10)
@@ -184,6 +236,18 @@ def main() -> int:
         rpc, tunnel = results[(lib, "rpc")], results[(lib, "shim")]
         print("%-9s latency %6.2fx   %d MB download %6.2fx" % (
             lib, rpc["latency"] / tunnel["latency"], args.size_mb, rpc["rate"] / tunnel["rate"]))
+    print("the daemon beside the reference broker (text bodies; the shim's default transport picks rpc for the "
+          "daemon), against rpc on the reference broker")
+    print("%-9s %-12s %12s %9s %12s %9s" % ("library", "broker", "latency us", "vs ref", "MB/s", "vs ref"))
+    for lib in LIBRARIES:
+        ref = results[(lib, "ref rpc")]
+        for mode in TEXT_MODES:
+            r = results[(lib, mode)]
+            print("%-9s %-12s %12.0f %8.3fx %12.0f %8.3fx" % (
+                lib, mode, r["latency"] * 1e6, r["latency"] / ref["latency"], r["rate"] / 1e6, r["rate"] / ref["rate"]))
+    print("the auto transport's probe, once per process (median of %d fresh interpreters):" % args.import_runs)
+    for name, (load, ask) in probes.items():
+        print("  %-32s modules %6.2f ms, questions %6.2f ms" % (name, load * 1000, ask * 1000))
     print("%-9s %14s %14s %8s" % ("import", "without ms", "with shim ms", "ratio"))
     for lib, (without, with_shim) in costs.items():
         print("%-9s %14.1f %14.1f %7.3fx" % (lib, without * 1000, with_shim * 1000, with_shim / without))

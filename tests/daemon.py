@@ -91,7 +91,7 @@ class Daemon:
         self.workdir = workdir
         self.audit_file = str(workdir / "audit.jsonl")
         policies = workdir / "policies"
-        policies.mkdir(exist_ok=True)
+        policies.mkdir(parents=True, exist_ok=True)
         # AF_UNIX paths are limited to ~107 bytes: pytest's tmp paths can be longer
         self.socket_path = os.path.join(tempfile.mkdtemp(prefix="agsd-"), "daemon.sock")
         self.host = "127.0.0.1"

@@ -4,7 +4,9 @@ A separate program from the shim: it never imports the shim's boot or guard, and
 where the shim is not active. It speaks the AgenShield broker protocol (``GET /health``,
 ``POST /rpc`` JSON-RPC 2.0, absolute-form forward proxying, ``CONNECT`` tunnels), applies a
 default-deny policy, writes one audit line per decision, and adds documented extensions (see
-``PROTOCOL.md`` beside this file) that ``--compat`` turns off.
+``PROTOCOL.md`` beside this file) that ``--compat`` turns off. ``--compat`` alone is the daemon's
+later source (0.7.3 and on); ``--compat 0.7.2`` is the daemon published on the npm registry, which
+serves ``/health`` and ``/rpc`` only (``legacy.py``).
 
 Python API, for tests and the selftest::
 

@@ -19,6 +19,14 @@ EXTENSIONS: Tuple[str, ...] = (
     "proxy-error-header",
 )
 
+#: Daemon versions ``--compat VERSION`` reproduces, as clients see them. ``0.7.2`` is the one on
+#: the npm registry (``/health`` and ``/rpc`` only; its Unix socket speaks newline-delimited
+#: JSON-RPC only); ``0.7.3`` stands for the daemon's later source, which adds the forward proxy and
+#: ``CONNECT`` (what ``--compat`` alone reproduces).
+COMPAT_VERSIONS: Tuple[str, ...] = ("0.7.2", "0.7.3")
+#: What ``compat=True`` without a version means.
+LATEST_COMPAT = "0.7.3"
+
 MiB = 1024 * 1024
 
 
@@ -44,6 +52,9 @@ class BrokerConfig:
     audit_file: Optional[str] = None
     #: Reproduce the daemon's broker exactly: no extensions, ``/api/proxy`` answers 404.
     compat: bool = False
+    #: Which daemon ``compat`` reproduces (one of :data:`COMPAT_VERSIONS`); ``None`` is
+    #: :data:`LATEST_COMPAT`. Setting it implies ``compat=True``.
+    compat_version: Optional[str] = None
     connect_timeout: float = 10.0
     #: A tunnel or forward with no byte moving either way for this long is closed.
     idle_timeout: float = 300.0
@@ -63,6 +74,24 @@ class BrokerConfig:
     shutdown_grace: float = 5.0
     #: Write ``host:port`` (and/or ``unix:PATH``) here, atomically, once listening.
     ready_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.compat_version is not None:
+            if self.compat_version not in COMPAT_VERSIONS:
+                raise ValueError("compat_version %r is not one of %s" % (self.compat_version, ", ".join(COMPAT_VERSIONS)))
+            object.__setattr__(self, "compat", True)
+
+    @property
+    def daemon_version(self) -> Optional[str]:
+        """The daemon version reproduced, or ``None`` with extensions on."""
+        if not self.compat:
+            return None
+        return self.compat_version or LATEST_COMPAT
+
+    @property
+    def rpc_only(self) -> bool:
+        """The published daemon 0.7.2: ``/health`` and ``/rpc`` only, its wire answers (``legacy.py``)."""
+        return self.daemon_version == "0.7.2"
 
     @property
     def extensions(self) -> Tuple[str, ...]:

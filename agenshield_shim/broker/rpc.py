@@ -106,7 +106,7 @@ def _trace_metadata(context: Any) -> Dict[str, Any]:
     return out
 
 
-def _url_target(url: str, method: Optional[str]) -> Target:
+def url_target(url: str, method: Optional[str]) -> Target:
     """The policy target of an http(s) URL; :class:`RpcError` 1001 when it cannot be one."""
     try:
         parts = urlsplit(url)
@@ -229,7 +229,7 @@ class RpcService:
             decision = Decision(False, None, "Operation '%s' is not governed by this broker" % op[:100])
         elif "://" in target:
             try:
-                decision = self.services.policy.check(_url_target(target, method.upper() if method else None))
+                decision = self.services.policy.check(url_target(target, method.upper() if method else None))
             except RpcError as exc:
                 decision = Decision(False, None, exc.message)
         else:
@@ -247,7 +247,8 @@ class RpcService:
         )
         return decision.as_result()
 
-    async def http_request(self, conn: Conn, params: Dict[str, Any]) -> Dict[str, Any]:
+    async def http_request(self, conn: Conn, params: Dict[str, Any], raw_body: bool = False) -> Dict[str, Any]:
+        """``raw_body``: the result's ``body`` is the response bytes, for ``legacy.py`` to decode as 0.7.2 does."""
         services = self.services
         url = params.get("url")
         if not isinstance(url, str) or not url:
@@ -273,7 +274,7 @@ class RpcService:
         first_origin: Optional[Tuple[str, str, int]] = None
         for hop in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
-            target = _url_target(url, method)
+            target = url_target(url, method)
             origin = (target.scheme or "", target.host, target.port or 0)
             if first_origin is None:
                 first_origin = origin
@@ -299,7 +300,7 @@ class RpcService:
                         method = "GET"
                     body = None
                     headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-type")]
-                nt = _url_target(next_url, method)
+                nt = url_target(next_url, method)
                 if (nt.scheme, nt.host, nt.port) != first_origin:
                     headers = [(k, v) for k, v in headers if k.lower() not in _SENSITIVE]
                 url = next_url
@@ -311,6 +312,8 @@ class RpcService:
         if base64_mode:
             result["body"] = base64.b64encode(data).decode("ascii")
             result["bodyEncoding"] = "base64"
+        elif raw_body:
+            result["body"] = data
         else:
             result["body"] = data.decode("utf-8", "replace")
         return result
@@ -339,10 +342,14 @@ class RpcService:
                     if len(buf) > limit:
                         raise RpcError(NETWORK_ERROR, "Network error: response body larger than %d bytes" % limit)
                 out_headers: Dict[str, str] = {}
+                # 0.7.2 copies fetch's headers one by one: of several Set-Cookie, the last one is kept
+                last_cookie_only = services.config.rpc_only
                 for k, v in resp.raw_headers:
                     name = k.decode("latin-1").lower()
                     value = v.decode("latin-1")
-                    out_headers[name] = out_headers[name] + ", " + value if name in out_headers else value
+                    if name in out_headers and not (last_cookie_only and name == "set-cookie"):
+                        value = out_headers[name] + ", " + value
+                    out_headers[name] = value
                 status, reason = resp.status, resp.reason or ""
                 location = resp.headers.get("Location")
         except RpcError as exc:

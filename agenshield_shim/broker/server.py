@@ -27,6 +27,7 @@ from .access import caller_allowed
 from .audit import AuditLog
 from .config import BrokerConfig
 from .context import Conn, Services
+from . import legacy
 from .forward import handle_forward
 from .http1 import (
     READ_SIZE, HttpError, abort, ProtocolError, RequestHead, Stream, parse_request_head, read_body,
@@ -290,14 +291,15 @@ class Broker:
     async def _serve(self, conn: Conn) -> None:
         cfg = self.config
         stream = conn.stream
-        if conn.channel == "socket" and await stream.first_byte(cfg.head_timeout) in JSON_START:
-            return await self._serve_lines(conn)
+        if conn.channel == "socket" and (cfg.rpc_only or await stream.first_byte(cfg.head_timeout) in JSON_START):
+            return await self._serve_lines(conn)  # 0.7.2's socket speaks nothing else
+        keepalive = legacy.keepalive_timeout(cfg.keepalive_timeout) if cfg.rpc_only else cfg.keepalive_timeout
         first = True
         while not self._closing:
             conn.busy = False
             try:
                 raw = await stream.read_head(
-                    cfg.max_head_size, cfg.head_timeout if first else cfg.keepalive_timeout, cfg.head_timeout)
+                    cfg.max_head_size, cfg.head_timeout if first else keepalive, cfg.head_timeout)
                 if raw is None:
                     return
                 conn.busy = True
@@ -305,7 +307,7 @@ class Broker:
                 keep = await self._dispatch(conn, head)
             except HttpError as exc:
                 self._count("bad_requests_%d" % exc.status)
-                stream.writer.write(render_response(
+                stream.writer.write(legacy.node_error(exc.status) if cfg.rpc_only else render_response(
                     exc.status, (exc.message + "\n").encode(), [("Content-Type", "text/plain")], close=True))
                 await stream.writer.drain()
                 return
@@ -330,8 +332,10 @@ class Broker:
             if not line.strip():
                 continue
             conn.busy = True
-            envelope = await self.rpc.handle_rpc(conn, line)
-            stream.writer.write(json.dumps(envelope).encode("ascii") + b"\n")
+            if cfg.rpc_only:
+                stream.writer.write(legacy.dumps(await legacy.handle_rpc(self.rpc, conn, line)) + b"\n")
+            else:
+                stream.writer.write(json.dumps(await self.rpc.handle_rpc(conn, line)).encode("ascii") + b"\n")
             await stream.writer.drain()
 
     def _count(self, name: str) -> None:
@@ -341,6 +345,8 @@ class Broker:
     async def _dispatch(self, conn: Conn, head: RequestHead) -> bool:
         services = self.services
         assert services is not None and self.rpc is not None
+        if services.config.rpc_only:
+            return await legacy.serve(services, self.rpc, conn, head)
         if head.method == "CONNECT":
             return await handle_connect(services, conn, head)
         target = head.target

@@ -3,7 +3,10 @@
 Patches: ``aiohttp.ClientSession._request`` (``tunnel``) or ``aiohttp.TCPConnector._create_connection``
 (``rpc``, in :mod:`.aiohttp_rpc`), according to ``AGENSHIELD_TRANSPORT``.
 
-**tunnel** (the default): the broker is aiohttp's HTTP proxy. Why ``_request``: every public way
+Under ``auto`` (the default) the first routed request asks which of the two the broker takes
+(:mod:`agenshield_shim._transport`); the rpc patch is installed the first time it is rpc.
+
+**tunnel**: the broker is aiohttp's HTTP proxy. Why ``_request``: every public way
 aiohttp has to make a request funnels into it on every release from 3.9 to 3.14 (``request``,
 ``get``/``post``/..., ``ws_connect`` via ``request``, and the module-level ``aiohttp.request``), and
 its ``proxy=`` argument is the one aiohttp itself honours before it looks at the session's default

@@ -15,9 +15,10 @@ Left alone: transports that do no networking (``MockTransport``, ``WSGITransport
 ``uds=`` (a Unix socket is local). Anything that bypasses httpx's transports still meets the
 guard, which refuses it.
 
-How a routed transport reaches the broker depends on ``AGENSHIELD_TRANSPORT``:
+How a routed transport reaches the broker depends on ``AGENSHIELD_TRANSPORT`` (under ``auto``, the
+default, on what the broker serves: :mod:`agenshield_shim._transport`, asked at the first request):
 
-- ``tunnel`` (the default): the constructor is given ``proxy=httpx.Proxy(broker)``, so httpcore
+- ``tunnel`` (and ``auto`` until the broker turns out not to tunnel): the constructor is given ``proxy=httpx.Proxy(broker)``, so httpcore
   does what it does for any HTTP proxy: ``CONNECT`` tunnels for ``https://`` (TLS verified end to
   end against the real host, HTTP/2 negotiated inside the tunnel when ``http2=True``) and
   absolute-form forwarding for plain ``http://``, with its own pooling and keep-alive.

@@ -40,7 +40,7 @@ def record(name, fn):
 def arecord(name, coro_fn):
     record(name, lambda: asyncio.run(coro_fn()))
 
-import urllib.request, ssl
+import urllib.request, urllib.error, ssl
 ctx = ssl.create_default_context(cafile=CA)
 def urllib_get(url):
     with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
@@ -71,6 +71,34 @@ for scheme, base in (("http", BASE_HTTP), ("https", BASE_HTTPS), ("denied", DENI
     record("httpx:" + scheme, lambda: httpx_get(url % "httpx"))
     arecord("httpx-async:" + scheme, lambda: httpx_aget(url % "httpx-async"))
     arecord("aiohttp:" + scheme, lambda: aiohttp_get(url % "aiohttp"))
+# an upstream's own 403 (and 404) on plain HTTP is the upstream's: passed through, body intact
+def urllib_status(url):
+    try:
+        urllib.request.urlopen(url, context=ctx, timeout=10)
+    except urllib.error.HTTPError as exc:
+        return [exc.code, exc.read().decode()]
+def requests_status(url):
+    r = requests.get(url, verify=CA, timeout=10)
+    return [r.status_code, r.text]
+def httpx_status(url):
+    with httpx.Client(verify=CA, timeout=10) as c:
+        r = c.get(url)
+        return [r.status_code, r.text]
+async def httpx_astatus(url):
+    async with httpx.AsyncClient(verify=CA, timeout=10) as c:
+        r = await c.get(url)
+        return [r.status_code, r.text]
+async def aiohttp_status(url):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return [r.status, await r.text()]
+for code in (403, 404):
+    url = BASE_HTTP + "/status/%d?tag=" % code + TAG
+    record("urllib:%d" % code, lambda: urllib_status(url))
+    record("requests:%d" % code, lambda: requests_status(url))
+    record("httpx:%d" % code, lambda: httpx_status(url))
+    arecord("httpx-async:%d" % code, lambda: httpx_astatus(url))
+    arecord("aiohttp:%d" % code, lambda: aiohttp_status(url))
 print("RESULTS " + json.dumps(results))
 '''
 
@@ -112,6 +140,9 @@ def assert_routed(results: Dict[str, Any]) -> None:
             assert status == "ok" and value[0] == 200 and ["lib", lib] in value[1], (lib, scheme, value)
         status, text = results[lib + ":denied"]
         assert status == "error" and "AgenShield" in text and "127.0.0.2" in text, (lib, text)
+        for code in (403, 404):
+            status, value = results["%s:%d" % (lib, code)]
+            assert status == "ok" and value == [code, "status %d\n" % code], (lib, code, value)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +215,11 @@ def test_selftest_and_log_say_which_transport_and_why(env: ShimEnv, daemon: Any,
     report = json.loads(result.stdout)
     assert report["transport"] == "rpc" and "auto" in report["transportReason"], report
     assert "serves /rpc only" in report["transportReason"]
+    assert report["success"] and report["routed"], report  # every installed library, end to end, by rpc
+    result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
+                     env=dict(daemon_env, AGENSHIELD_BROKER_SOCKET=daemon.socket_path), timeout=120)
+    report = json.loads(result.stdout)
+    assert report["success"] and report["transport"] == "rpc" and "Unix socket" in report["transportReason"], report
     result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
                      env=broker.env, timeout=120)
     report = json.loads(result.stdout)
@@ -193,3 +229,22 @@ def test_selftest_and_log_say_which_transport_and_why(env: ShimEnv, daemon: Any,
                      "except OSError:\n    pass", env=dict(daemon_env, AGENSHIELD_LOG_LEVEL="info"))
     assert result.stderr.count("transport rpc for the broker at 127.0.0.1:%d" % daemon.port) == 1, result.stderr
     assert os.path.exists(daemon.audit_file)
+
+
+def test_os_layer_with_the_daemon(env: ShimEnv, daemon: Any, upstream: Any, tmp_path: Any) -> None:
+    """``wrapper --sandbox netns`` with the daemon's Unix socket: the shim inside speaks rpc over it."""
+    from .test_os_layer import _need_backend, make_wrapper, run as run_wrapped
+
+    wrapper = make_wrapper(env, daemon, tmp_path / "agent-python", _need_backend())
+    tag = uuid.uuid4().hex
+    code = ("import json, ssl, sys, urllib.request\n"
+            "ctx = ssl.create_default_context(cafile=sys.argv[3])\n"
+            "for base in sys.argv[1:3]:\n"
+            "    with urllib.request.urlopen(base + '/echo?tag=' + sys.argv[4], context=ctx, timeout=10) as r:\n"
+            "        print(r.status, json.loads(r.read())['path'])\n")
+    mark = len(daemon.audit())
+    result = run_wrapped(wrapper, "-c", code, upstream.http_url, upstream.https_url, str(upstream.ca_file), tag)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["200 /echo", "200 /echo"]
+    calls = [e for e in daemon.audit(mark) if e.get("operation") == "http_request" and tag in str(e.get("target"))]
+    assert len(calls) == 2 and {e["channel"] for e in calls} == {"socket"}, calls
