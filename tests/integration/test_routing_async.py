@@ -21,12 +21,7 @@ pytestmark = pytest.mark.timeout(600)
 
 MAIN = ("3.11", "aiohttp", "httpx", "h2")
 MARK = "@@RESULTS@@"
-#: A shim bug (test_rpc_aiohttp and test_rpc_httpx leave it failing, xfail strict, until fixed on main).
-SOCKET_DOWN_UNDER_AUTO = (
-    "shim bug: under AGENSHIELD_TRANSPORT=auto with AGENSHIELD_BROKER_SOCKET set and the broker down, "
-    "_transport decides nothing and the aiohttp and httpx hooks take the tunnel's way, a TCP connection to "
-    "AGENSHIELD_BROKER_HOST:PORT: the error names 127.0.0.1:PORT, never the Unix socket that was configured "
-    "and is gone (http.client/requests name unix:PATH; under rpc both hooks do)")
+
 
 # -- the client scripts ------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from .test_routing_async import (
     PRELUDE,
     SCHEMES,
     SMOKE_SUITE,
-    SOCKET_DOWN_UNDER_AUTO,
     assert_concurrent_answers,
     assert_methods_and_query,
     assert_refusal,
@@ -247,6 +246,14 @@ SUITE_BROKERS = {"rpc": ("rpc_broker", RPC), "compat": ("compat_broker", RPC), "
                  "daemon_unix_auto": ("daemon_unix_broker", {})}
 #: The daemon through each of its doors.
 DAEMONS = ["daemon_broker", "daemon_unix_broker"]
+#: A shim bug, left failing (xfail strict) until fixed on main.
+SOCKET_DOWN_UNDER_AUTO = (
+    "shim bug: under AGENSHIELD_TRANSPORT=auto with AGENSHIELD_BROKER_SOCKET set and the broker down, "
+    "_transport.choose answers rpc without caching a Choice (5e4c005), so hooks/aiohttp.py _Auto.rpc installs the "
+    "rpc connector and skips the tunnel, but the connector's active() needs chosen(config) to be rpc, is None, "
+    "and steps aside: aiohttp connects directly, the guard refuses, and the application gets "
+    "ClientConnectorError 'Cannot connect to host 127.0.0.1:P ... [None]' naming neither AgenShield nor the "
+    "socket (still fail-closed; httpx and http.client name unix:PATH)")
 
 
 class Suite(NamedTuple):

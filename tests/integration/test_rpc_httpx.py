@@ -30,7 +30,6 @@ from .test_routing_async import (
     PRELUDE,
     SCHEMES,
     SMOKE_SUITE,
-    SOCKET_DOWN_UNDER_AUTO,
     assert_concurrent_answers,
     assert_methods_and_query,
     assert_refusal,
@@ -535,10 +534,8 @@ def test_daemon_refusal_names_its_reason(rpc_main_env: ShimEnv, upstream: Any, t
 @pytest.mark.parametrize("transport", ["rpc", "auto"])
 @pytest.mark.parametrize("door", ["http", "unix"])
 def test_stopped_daemon_fast_clear_error(rpc_main_env: ShimEnv, upstream: Any, start_daemon: Any, door: str,
-                                         transport: str, request: pytest.FixtureRequest) -> None:
+                                         transport: str) -> None:
     """The daemon stopped (its port closed, its socket gone): httpx's ConnectError, as for any broker down."""
-    if door == "unix" and transport == "auto":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SOCKET_DOWN_UNDER_AUTO))
     daemon = start_daemon(ca_file=str(upstream.ca_file), unix=door == "unix")
     daemon.stop()
     where = "unix:" + daemon.socket_path if door == "unix" else "127.0.0.1:%d" % daemon.port

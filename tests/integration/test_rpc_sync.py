@@ -443,20 +443,17 @@ def binary_body_error_names_a_way_out_that_exists():
     except requests.exceptions.ProxyError as exc:
         text = str(exc)
         expect("AgenShield" in text and "UTF-8" in text, text)
-        # auto is the default now: tunnel is not, and the daemon 0.7.2 cannot tunnel at all
-        expect("(the default transport)" not in text, text)
+        # auto is the default, not tunnel; and the daemon 0.7.2 cannot tunnel: the way out is another broker
+        expect("(the default transport)" not in text and "with a broker that tunnels" in text, text)
     else:
         raise AssertionError("binary bytes passed a broker that carries text only")
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shim bug: agenshield_shim/_rpc.py TUNNEL_HINT still says AGENSHIELD_TRANSPORT=tunnel is 'the default "
-    "transport' (auto is, since the auto transport), and offers it against a broker the shim has learnt does "
-    "not tunnel (the daemon 0.7.2), where it fails with 'does not tunnel'"))
 @pytest.mark.parametrize("transport", ["rpc", "auto"])
 def test_binary_body_error_against_the_daemon_is_accurate(env2: ShimEnv, daemon_broker, upstream,
                                                           transport: str) -> None:
+    """A binary body the daemon cannot carry: a clear error before anything is sent, whose way out exists."""
     tag = uuid.uuid4().hex
     result = env2.run(PRELUDE + BINARY_HINT + EPILOGUE, upstream.https_url, upstream.ca_file, str(daemon_broker.pid),
                       tag, env=rpc_or_auto(transport, daemon_broker.env))
