@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 MAIN = ("3.11", "aiohttp", "httpx", "h2")
 MARK = "@@RESULTS@@"
 
+
 # -- the client scripts ------------------------------------------------------------------------
 
 PRELUDE = textwrap.dedent(
@@ -748,6 +749,13 @@ def assert_concurrent_answers(results: Dict[str, Any], name: str) -> None:
 
 def cookies_seen(answer: Dict[str, Any]) -> Dict[str, str]:  # /cookies/echo
     return answer["cookies"]  # type: ignore[no-any-return]
+
+
+def cookies_set(daemon: bool = False) -> Dict[str, str]:
+    """The cookies /cookies/set's two Set-Cookie headers give the client. The daemon 0.7.2 copies its fetch
+    answer's headers into an object, one value per name: only the last header reaches the client (the
+    first never leaves the daemon, so no shim can restore it)."""
+    return {"b": "2"} if daemon else {"a": "1", "b": "2"}
 
 
 # -- aiohttp ------------------------------------------------------------------------------------
