@@ -246,14 +246,6 @@ SUITE_BROKERS = {"rpc": ("rpc_broker", RPC), "compat": ("compat_broker", RPC), "
                  "daemon_unix_auto": ("daemon_unix_broker", {})}
 #: The daemon through each of its doors.
 DAEMONS = ["daemon_broker", "daemon_unix_broker"]
-#: A shim bug, left failing (xfail strict) until fixed on main.
-SOCKET_DOWN_UNDER_AUTO = (
-    "shim bug: under AGENSHIELD_TRANSPORT=auto with AGENSHIELD_BROKER_SOCKET set and the broker down, "
-    "_transport.choose answers rpc without caching a Choice (5e4c005), so hooks/aiohttp.py _Auto.rpc installs the "
-    "rpc connector and skips the tunnel, but the connector's active() needs chosen(config) to be rpc, is None, "
-    "and steps aside: aiohttp connects directly, the guard refuses, and the application gets "
-    "ClientConnectorError 'Cannot connect to host 127.0.0.1:P ... [None]' naming neither AgenShield nor the "
-    "socket (still fail-closed; httpx and http.client name unix:PATH)")
 
 
 class Suite(NamedTuple):
@@ -618,10 +610,8 @@ def test_broker_down_fast_clear_error(main_env: ShimEnv, broker: Any, upstream: 
 @pytest.mark.parametrize("transport", ["rpc", "auto"])
 @pytest.mark.parametrize("door", ["http", "unix"])
 def test_stopped_daemon_fast_clear_error(main_env: ShimEnv, upstream: Any, start_daemon: Any, door: str,
-                                         transport: str, request: pytest.FixtureRequest) -> None:
+                                         transport: str) -> None:
     """The daemon stopped (its port closed, its socket gone): the same error as any broker that is down."""
-    if door == "unix" and transport == "auto":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SOCKET_DOWN_UNDER_AUTO))
     daemon = start_daemon(ca_file=str(upstream.ca_file), unix=door == "unix")
     daemon.stop()
     where = "unix:" + daemon.socket_path if door == "unix" else "127.0.0.1:%d" % daemon.port

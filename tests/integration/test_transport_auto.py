@@ -14,11 +14,11 @@ each request travelled: ``connect``/``forward`` entries for the tunnel, ``http_r
 import json
 import os
 import uuid
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 
-from .conftest import Listener, ShimEnv, skip_unless_local
+from .conftest import Listener, ShimEnv
 
 pytestmark = pytest.mark.integration
 
@@ -113,15 +113,9 @@ def env(shim_env_factory: Any) -> ShimEnv:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, upstream: Any) -> Iterator[Any]:
-    from ..daemon import Daemon, DaemonUnavailable
-
-    try:
-        running = Daemon(tmp_path_factory.mktemp("daemon"), ca_file=str(upstream.ca_file))
-    except DaemonUnavailable as exc:
-        skip_unless_local(str(exc))
-    yield running
-    running.stop()
+def daemon(daemon_unix_broker: Any) -> Any:
+    """The session's daemon itself (``tests.daemon.Daemon``: ``port``, ``socket_path``, ``audit()``)."""
+    return daemon_unix_broker.daemon
 
 
 def run(env: ShimEnv, upstream: Any, broker_env: Dict[str, str], denied: Listener) -> Dict[str, Any]:
