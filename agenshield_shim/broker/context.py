@@ -5,6 +5,7 @@ module rather than on the server (no import cycles, and each handler can be read
 """
 
 import asyncio
+import dataclasses
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from typing import Any, Dict, Optional, Set, Tuple
 from .audit import AuditLog
 from .config import BrokerConfig
 from .http1 import Stream, abort
-from .policy import Decision, Policy
-from .upstream import Resolver
+from .policy import Decision, Policy, Target
+from .upstream import Permit, Resolver
 
 
 @dataclass
@@ -40,6 +41,21 @@ class Services:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def permit(self, target: Target, check_port: bool = True) -> Optional[Permit]:
+        """For a name: the check each of its resolved addresses must pass (no deny rule matches it
+        with the request's port, scheme, method and path). ``None`` for an address: the decision
+        was already made on it."""
+        if target.host[:1].isdigit() or ":" in target.host:
+            return None  # canonical IPv4 (names never end in a number) or IPv6
+
+        def check(ip: str) -> Optional[str]:
+            refusal = self.policy.deny_for(dataclasses.replace(target, host=ip), check_port)
+            if refusal is None:
+                return None
+            return "Host '%s' resolves to %s: %s" % (target.host, ip, refusal.reason)
+
+        return check
 
     def audit_decision(
         self,

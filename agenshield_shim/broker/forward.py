@@ -26,17 +26,21 @@ from .http1 import (
     abort, copy_length, copy_until_eof, header_tokens, parse_response_head, render_response,
     request_framing, response_framing, writer_sink,
 )
-from .policy import Target, normalize_host
+from ..addr import Host, canonical_host, canonical_ip
+from .policy import Decision, Target
 from .tunnel import pipe
-from .upstream import NETWORK, UpstreamError, open_upstream
+from .upstream import DENIED, NETWORK, Permit, UpstreamError, open_upstream
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade"}
 _DEFAULT_PORT = {"http": 80, "https": 443}
 MAX_RESPONSE_HEAD = 256 * 1024
 
 
-def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
-    """(scheme, host, port, authority, origin-form) of an absolute URI; 400 when unusable."""
+def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
+    """(scheme, canonical host, port, authority, origin-form) of an absolute URI; 400 when unusable.
+
+    The authority (the upstream's ``Host``) is rebuilt from the canonical host, so the upstream,
+    the policy and the socket all see one spelling."""
     try:
         parts = urlsplit(target)
         port = parts.port
@@ -47,9 +51,12 @@ def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
         scheme = "http" if scheme == "ws" else "https"
     if scheme not in _DEFAULT_PORT or not parts.hostname:
         raise HttpError(400, "only http and https URLs can be forwarded")
-    host = parts.hostname
+    try:
+        host = canonical_host(parts.hostname)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
     port = port or _DEFAULT_PORT[scheme]
-    shown = "[%s]" % host if ":" in host else host
+    shown = host.authority_host
     authority = shown if port == _DEFAULT_PORT[scheme] else "%s:%d" % (shown, port)
     origin = parts.path or "/"
     if parts.query:
@@ -97,15 +104,28 @@ def _client_head(resp: ResponseHead, close: bool, upgrade: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int]) -> Tuple[Stream, bool]:
-    """The kept upstream for ``key`` if alive (second item ``True``), else a new connection."""
-    if conn.upstream_key == key and conn.upstream is not None and not conn.upstream.reader.at_eof() \
-            and not conn.upstream.writer.is_closing():
+def _clean(up: Stream) -> bool:
+    """A kept upstream may be reused only if it is open and holds no byte we did not ask for: an
+    early or extra response would be taken for the answer to the next request."""
+    if up.buf or up.reader.at_eof() or up.writer.is_closing():
+        return False
+    return not getattr(up.reader, "_buffer", b"")  # CPython's StreamReader read-ahead (3.8-3.13)
+
+
+async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int], host: Host,
+                   permit: Optional[Permit]) -> Tuple[Stream, bool]:
+    """The kept upstream for ``key`` if alive and clean (second item ``True``), else a new connection."""
+    if conn.upstream_key == key and conn.upstream is not None and _clean(conn.upstream):
+        peer = conn.upstream.writer.get_extra_info("peername")
+        why = permit(str(canonical_ip(str(peer[0])))) if permit is not None and peer else None
+        if why is not None:  # this request's method or path meets a deny rule for that address
+            raise UpstreamError(DENIED, why)
         return conn.upstream, True
     conn.drop_upstream(services)
-    scheme, host, port = key
+    scheme, _text, port = key
     ctx = services.ssl_context if scheme == "https" else None
-    r, w = await open_upstream(host, port, services.config.connect_timeout, ctx, resolver=services.resolver)
+    r, w = await open_upstream(host, port, services.config.connect_timeout, ctx, resolver=services.resolver,
+                               permit=permit)
     services.upstreams.add(w)
     conn.upstream, conn.upstream_key = Stream(r, w), key
     return conn.upstream, False
@@ -117,7 +137,7 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
     client = conn.stream
     cw = client.writer
     scheme, host, port, authority, origin = split_absolute(head.target)
-    target = Target(host=normalize_host(host), port=port, scheme=scheme, method=head.method, path=origin)
+    target = Target(host=host.text, port=port, scheme=scheme, method=head.method, path=origin)
     decision = services.policy.check(target)
     shown = head.target if len(head.target) <= 2048 else head.target[:2048] + "..."
     if not decision.allowed:
@@ -128,13 +148,21 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         return False
     framing = request_framing(head.headers)
     upgrade = "upgrade" in header_tokens(head.headers, "connection") and head.get("upgrade") is not None
-    key = (scheme, normalize_host(host), port)
+    key = (scheme, host.text, port)
+    permit = services.permit(target)
     up_head = _upstream_head(head, origin, authority, upgrade)
 
     for attempt in (0, 1):
         try:
-            up, reused = await _connect(services, conn, key)
+            up, reused = await _connect(services, conn, key, host, permit)
         except UpstreamError as exc:
+            if exc.kind == DENIED:
+                services.count("forward_denied")
+                services.audit_decision(conn, "forward", Decision(False, None, exc.message), shown, "denied",
+                                        started, method=head.method)
+                cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy", exc.message))
+                await cw.drain()
+                return False
             services.count("forward_failed")
             services.audit_decision(conn, "forward", decision, shown, "error", started,
                                     method=head.method, error=exc.kind, message=exc.message)

@@ -12,13 +12,18 @@ failure ``502`` with ``connection-refused``, ``connection-timeout`` or ``network
 """
 
 import asyncio
+import re
 import time
 from typing import Any, Optional, Tuple
 
 from .context import Conn, Services
 from .http1 import RequestHead, Stream, render_response
-from .policy import Target, normalize_host
-from .upstream import DNS_FAILED, UpstreamError, open_upstream
+from ..addr import canonical_host
+from .policy import Decision, Target
+from .upstream import DENIED, DNS_FAILED, UpstreamError, open_upstream
+
+#: ASCII digits only: ``str.isdigit`` is true for ``²`` too, which ``int`` then refuses.
+_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 def parse_authority(target: str, default_port: int = 443) -> Optional[Tuple[str, int]]:
@@ -42,7 +47,7 @@ def parse_authority(target: str, default_port: int = 443) -> Optional[Tuple[str,
     if not host:
         return None
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
             return None
         port = int(port_text)
     else:
@@ -200,9 +205,16 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         writer.write(render_response(400, b"Bad CONNECT target\n", [("Content-Type", "text/plain")], close=True))
         await writer.drain()
         return False
-    host, port = authority
-    shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-    target = Target(host=normalize_host(host), port=port, tunnel=True)
+    raw_host, port = authority
+    try:
+        host = canonical_host(raw_host)
+    except ValueError as exc:
+        writer.write(render_response(400, ("Bad CONNECT target: %s\n" % exc).encode("ascii", "replace"),
+                                     [("Content-Type", "text/plain")], close=True))
+        await writer.drain()
+        return False
+    shown = "%s:%d" % (host.authority_host, port)
+    target = Target(host=host.text, port=port, tunnel=True)
     decision = services.policy.check(target, check_port=services.ext)
     if not decision.allowed:
         services.count("connect_denied")
@@ -211,8 +223,16 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         await writer.drain()
         return False
     try:
-        reader_u, writer_u = await open_upstream(host, port, services.config.connect_timeout, resolver=services.resolver)
+        reader_u, writer_u = await open_upstream(host, port, services.config.connect_timeout, resolver=services.resolver,
+                                                 permit=services.permit(target, check_port=services.ext))
     except UpstreamError as exc:
+        if exc.kind == DENIED:
+            services.count("connect_denied")
+            services.audit_decision(conn, "connect", Decision(False, None, exc.message), shown,
+                                    "denied", started)
+            writer.write(_refusal(403, "blocked-by-policy", "Blocked by AgenShield policy: %s" % exc.message))
+            await writer.drain()
+            return False
         services.count("connect_failed")
         services.audit_decision(conn, "connect", decision, shown, "error", started, error=exc.kind, message=exc.message)
         status = 403 if exc.kind == DNS_FAILED else 502
