@@ -173,6 +173,17 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         if result == "retry":
             conn.drop_upstream(services)
             continue
+        if isinstance(result, HttpError):
+            services.count("bad_requests_%d" % result.status)
+            services.audit_decision(conn, "forward", decision, shown, "error", started,
+                                    method=head.method, error="bad-request-body", message=result.message)
+            cw.write(render_response(result.status, (result.message + "\n").encode("latin-1", "replace"),
+                                     [("Content-Type", "text/plain")], close=True))
+            try:
+                await cw.drain()
+            except ConnectionError:
+                pass
+            return False
         if isinstance(result, UpstreamError):
             conn.drop_upstream(services)
             services.count("forward_failed")
@@ -202,8 +213,9 @@ async def _exchange(
     framing: Tuple[str, int],
     upgrade: bool,
     may_retry: bool,
-) -> Union[Tuple[int, bool], str, UpstreamError]:
-    """One request/response on ``up``: ``(status, keep_client)``, ``"retry"`` or an UpstreamError."""
+) -> Union[Tuple[int, bool], str, UpstreamError, HttpError]:
+    """One request/response on ``up``: ``(status, keep_client)``, ``"retry"``, an UpstreamError, or
+    an HttpError when the client's request body was malformed."""
     client = conn.stream
     cw, uw = client.writer, up.writer
     sent_head = False
@@ -228,7 +240,7 @@ async def _exchange(
         if framing[0] != "none":
             body_task = asyncio.ensure_future(_send_body(client, to_up, framing))
         while True:
-            raw = await up.read_response_head(MAX_RESPONSE_HEAD)
+            raw = await _response_head(up, body_task)
             touch()
             if raw is None:
                 if timer.fired:
@@ -282,6 +294,11 @@ async def _exchange(
         if not keep_up:
             conn.drop_upstream(services)
         return resp.status, keep_client
+    except _BodyFailed as failed:
+        conn.drop_upstream(services)  # at once: an aborted upload must not hold its upstream
+        if isinstance(failed.cause, ProtocolError) and not sent_head and not cw.is_closing():
+            return HttpError(400, "malformed request body: %s" % failed.cause)
+        return 0, False  # the client went away mid-body
     except (ConnectionError, ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
         conn.drop_upstream(services)
         if sent_head or cw.is_closing():
@@ -291,17 +308,61 @@ async def _exchange(
         return UpstreamError(NETWORK, "upstream failed: %s" % (exc,))
     finally:
         timer.cancel()
-        if body_task is not None and not body_task.done():
-            body_task.cancel()
-            await asyncio.gather(body_task, return_exceptions=True)
+        if body_task is not None:
+            if not body_task.done():
+                body_task.cancel()
+            await asyncio.gather(body_task, return_exceptions=True)  # its exception is retrieved here
+
+
+class _BodyFailed(Exception):
+    """The client's side of a forwarded request body failed: bad framing or the client left."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def _response_head(up: Stream, body_task: "Optional[asyncio.Future[None]]") -> Optional[bytes]:
+    """The upstream's response head, unless the request body fails first (then :class:`_BodyFailed`
+    at once, not after the upstream's or the idle timeout)."""
+    if body_task is None or body_task.done():
+        if body_task is not None and not body_task.cancelled() and body_task.exception() is not None:
+            raise _BodyFailed(body_task.exception())  # type: ignore[arg-type]
+        return await up.read_response_head(MAX_RESPONSE_HEAD)
+    head_task = asyncio.ensure_future(up.read_response_head(MAX_RESPONSE_HEAD))
+    try:
+        await asyncio.wait((head_task, body_task), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        head_task.cancel()
+        raise
+    if not head_task.done():
+        exc = body_task.exception() if not body_task.cancelled() else None
+        if exc is not None:
+            head_task.cancel()
+            await asyncio.gather(head_task, return_exceptions=True)
+            raise _BodyFailed(exc)
+    return await head_task
+
+
+class _UpstreamGone(Exception):
+    """Writing the body to the upstream failed: its response (or EOF) tells the rest."""
 
 
 async def _send_body(client: Stream, sink: Sink, framing: Tuple[str, int]) -> None:
+    async def to_up(data: bytes) -> None:
+        try:
+            await sink(data)
+        except (ConnectionError, OSError) as exc:
+            raise _UpstreamGone() from exc
+
     kind, n = framing
-    if kind == "length":
-        await copy_length(client, sink, n)
-    elif kind == "chunked":
-        await copy_chunked(client, sink)
+    try:
+        if kind == "length":
+            await copy_length(client, to_up, n)
+        elif kind == "chunked":
+            await copy_chunked(client, to_up)
+    except _UpstreamGone:
+        return
 
 
 __all__: List[str] = ["handle_forward", "split_absolute"]

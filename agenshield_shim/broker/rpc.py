@@ -38,6 +38,7 @@ import base64
 import binascii
 import datetime
 import json
+import math
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
@@ -85,9 +86,33 @@ def error_envelope(req_id: Any, code: int, message: str) -> Dict[str, Any]:
 def _usable_id(obj: Any) -> Any:
     if isinstance(obj, dict):
         rid = obj.get("id")
+        if isinstance(rid, float) and not math.isfinite(rid):
+            return 0  # never reached from parse_json; kept so no answer can carry NaN
         if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
             return rid
     return 0
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a float Python would write back as Infinity
+        raise ValueError("number out of range")
+    return value
+
+
+def parse_json(body: bytes, errors: str = "strict") -> Any:
+    """Strict JSON (RFC 8259): ``ValueError`` for what is not, including ``NaN``/``Infinity`` and
+    numbers past a double's range (Python's json accepts them and would echo them as non-JSON:
+    ``NaN``), and nesting too deep to parse
+    (100,000 ``[`` is a RecursionError in json, here a parse error)."""
+    try:
+        return json.loads(body.decode("utf-8", errors), parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
 
 
 def _now_iso() -> str:
@@ -189,8 +214,8 @@ class RpcService:
     async def handle_rpc(self, conn: Conn, body: bytes) -> Dict[str, Any]:
         """One JSON-RPC request body -> one response envelope (never raises)."""
         try:
-            obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            obj = parse_json(body)
+        except ValueError:  # UnicodeDecodeError is one
             return error_envelope(0, PARSE_ERROR, "Parse error")
         req_id = _usable_id(obj)
         if isinstance(obj, list):
@@ -213,8 +238,8 @@ class RpcService:
     async def handle_api_proxy(self, conn: Conn, body: bytes) -> Tuple[int, Dict[str, Any]]:
         """The README's ``POST /api/proxy {url, method, headers, body}`` -> (HTTP status, JSON)."""
         try:
-            params = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            params = parse_json(body)
+        except ValueError:
             return 400, {"error": {"code": PARSE_ERROR, "message": "Parse error"}}
         if not isinstance(params, dict):
             return 400, {"error": {"code": INVALID_REQUEST, "message": "Invalid Request: expected a JSON object"}}

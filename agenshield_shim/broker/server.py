@@ -323,9 +323,9 @@ class Broker:
         while not self._closing:
             conn.busy = False
             try:
-                line = await stream.read_line(cfg.max_body_size, cfg.keepalive_timeout)
-            except HttpError:
-                self._count("bad_requests_413")
+                line = await stream.read_line(cfg.max_body_size, cfg.keepalive_timeout, cfg.body_timeout)
+            except HttpError as exc:
+                self._count("bad_requests_%d" % exc.status)
                 return
             if line is None:
                 return
@@ -371,7 +371,7 @@ class Broker:
                 raise HttpError(413, "request body larger than %d bytes" % cfg.max_body_size)
             if (head.get("expect") or "").lower() == "100-continue":
                 w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await read_body(conn.stream, framing, cfg.max_body_size)
+            body = await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
             if path == "/rpc":
                 envelope = await self.rpc.handle_rpc(conn, body)
                 payload = json.dumps(envelope).encode("ascii")
@@ -383,7 +383,7 @@ class Broker:
             return keep
         # Any other route: drain a small body so the connection stays in step, or give up on it.
         if framing[0] != "none":
-            await read_body(conn.stream, framing, cfg.max_body_size)
+            await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
         if path == "/health" and head.method in ("GET", "HEAD"):
             payload = json.dumps(self.rpc.health()).encode("ascii")
             w.write(render_response(200, payload, JSON, close=not keep, head_only=head.method == "HEAD"))
