@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Set, Tuple
 
-from .audit import AuditLog
+from .audit import AuditError, AuditLog
 from .config import BrokerConfig
 from .http1 import Stream, abort
 from .policy import Decision, Policy, Target
 from .upstream import Permit, Resolver
+
+
+#: What a client is told when its decision is refused because the audit log cannot be written.
+AUDIT_TEXT = "Refused: the broker's audit log cannot be written"
 
 
 @dataclass
@@ -42,6 +46,16 @@ class Services:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def audit_blocked(self, conn: "Conn", operation: str, target: str, started: float, **metadata: Any) -> bool:
+        """While the audit log is failing, refuse what would be allowed before any upstream is
+        contacted (``True``). The refusal is audited if it can be: that write is also the probe
+        that ends the failing state, so the next decision is served again."""
+        if not self.audit.failing:
+            return False
+        self.count("audit_refusals")
+        self.audit_decision(conn, operation, Decision(False, None, AUDIT_TEXT), target, "denied", started, **metadata)
+        return True
+
     def permit(self, target: Target, check_port: bool = True) -> Optional[Permit]:
         """For a name: the check each of its resolved addresses must pass (no deny rule matches it
         with the request's port, scheme, method and path). ``None`` for an address: the decision
@@ -67,15 +81,23 @@ class Services:
         started: float,
         **metadata: Any,
     ) -> None:
+        """One audit line; for ``result == "success"`` an unwritable log raises :class:`AuditError`
+        and the caller refuses (refusals and errors are refused anyway: never raises for them)."""
         meta = {k: v for k, v in metadata.items() if v is not None}
         if decision.reason and "reason" not in meta:
             meta["reason"] = decision.reason
         if conn.peer:
             meta.setdefault("peer", conn.peer)
-        self.audit.record(
-            operation, conn.channel, decision.allowed, decision.policy_id, target, result,
-            (time.monotonic() - started) * 1000.0, meta,
-        )
+        try:
+            self.audit.record(
+                operation, conn.channel, decision.allowed, decision.policy_id, target, result,
+                (time.monotonic() - started) * 1000.0, meta,
+            )
+        except AuditError:
+            self.count("audit_failures")
+            if result == "success":
+                raise  # fail closed: what cannot be recorded is not served
+            # a refusal or a failure is not served anyway; stderr has said the log is failing
 
 
 @dataclass

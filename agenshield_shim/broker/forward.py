@@ -17,10 +17,11 @@ A ``101 Switching Protocols`` answer (WebSocket over plain HTTP) turns the excha
 
 import asyncio
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-from .context import Conn, Services
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
 from .http1 import (
     Headers, HttpError, IdleTimer, Sink, ProtocolError, RequestHead, ResponseHead, Stream, copy_chunked,
     abort, copy_length, copy_until_eof, header_tokens, parse_response_head, render_response,
@@ -151,6 +152,15 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
     key = (scheme, host.text, port)
     permit = services.permit(target)
     up_head = _upstream_head(head, origin, authority, upgrade)
+    if services.audit_blocked(conn, "forward", shown, started, method=head.method):
+        cw.write(_refusal(services, 503, AUDIT_TEXT, "audit-failed"))
+        await cw.drain()
+        return False
+
+    def record(status: int) -> None:
+        """The decision's line, written before the client sees the response (fail closed)."""
+        services.audit_decision(conn, "forward", decision, shown, "success", started,
+                                method=head.method, status=status)
 
     for attempt in (0, 1):
         try:
@@ -169,10 +179,17 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
             cw.write(_refusal(services, 502, "Proxy error", exc.kind))
             await cw.drain()
             return False
-        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0)
+        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0, record)
         if result == "retry":
             conn.drop_upstream(services)
             continue
+        if isinstance(result, AuditError):
+            cw.write(_refusal(services, 503, AUDIT_TEXT, "audit-failed"))
+            try:
+                await cw.drain()
+            except ConnectionError:
+                pass
+            return False
         if isinstance(result, HttpError):
             services.count("bad_requests_%d" % result.status)
             services.audit_decision(conn, "forward", decision, shown, "error", started,
@@ -196,10 +213,8 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
                 pass
             return False
         assert isinstance(result, tuple)
-        status, keep = result
+        _status, keep = result
         services.count("forwards")
-        services.audit_decision(conn, "forward", decision, shown, "success", started,
-                                method=head.method, status=status)
         return keep
     return False  # pragma: no cover - the loop always returns
 
@@ -213,7 +228,8 @@ async def _exchange(
     framing: Tuple[str, int],
     upgrade: bool,
     may_retry: bool,
-) -> Union[Tuple[int, bool], str, UpstreamError, HttpError]:
+    record: Callable[[int], None],
+) -> Union[Tuple[int, bool], str, UpstreamError, HttpError, AuditError]:
     """One request/response on ``up``: ``(status, keep_client)``, ``"retry"``, an UpstreamError, or
     an HttpError when the client's request body was malformed."""
     client = conn.stream
@@ -250,6 +266,7 @@ async def _exchange(
                 return UpstreamError(NETWORK, "upstream closed without a response")
             resp = parse_response_head(raw)
             if resp.status == 101 and upgrade:
+                record(resp.status)
                 cw.write(_client_head(resp, close=False, upgrade=True))
                 sent_head = True
                 await cw.drain()
@@ -271,6 +288,7 @@ async def _exchange(
             and rframing[0] != "close"
             and body_done
         )
+        record(resp.status)
         cw.write(_client_head(resp, close=not keep_client, upgrade=False))
         sent_head = True
         kind, n = rframing
@@ -294,6 +312,9 @@ async def _exchange(
         if not keep_up:
             conn.drop_upstream(services)
         return resp.status, keep_client
+    except AuditError as exc:
+        conn.drop_upstream(services)
+        return exc
     except _BodyFailed as failed:
         conn.drop_upstream(services)  # at once: an aborted upload must not hold its upstream
         if isinstance(failed.cause, ProtocolError) and not sent_head and not cw.is_closing():

@@ -48,7 +48,8 @@ import yarl
 
 from .. import __version__
 from ..addr import Host, IPAddress, canonical_host
-from .context import Conn, Services
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
 from .policy import Decision, Target, normalize_host
 from .upstream import UpstreamError, resolve
 
@@ -229,6 +230,8 @@ class RpcService:
             result = await self.dispatch(conn, obj["method"], params)
         except RpcError as exc:
             return error_envelope(req_id, exc.code, exc.message)
+        except AuditError:
+            return error_envelope(req_id, INTERNAL_ERROR, "Internal error: %s" % AUDIT_TEXT)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the envelope promise: an answer, whatever happened
@@ -248,6 +251,8 @@ class RpcService:
         except RpcError as exc:
             status = {POLICY_DENIED: 403, NETWORK_ERROR: 502, URL_REQUIRED: 400, INVALID_REQUEST: 400}.get(exc.code, 500)
             return status, {"error": {"code": exc.code, "message": exc.message}}
+        except AuditError:
+            return 503, {"error": {"code": INTERNAL_ERROR, "message": "Internal error: %s" % AUDIT_TEXT}}
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -347,6 +352,8 @@ class RpcService:
                     raise RpcError(POLICY_DENIED, message)
             else:
                 decision = Decision(True, None, None)
+            if services.audit_blocked(conn, "http_request", url, started, method=method, redirectHop=hop or None):
+                raise AuditError(AUDIT_TEXT)
             addresses = await self._addresses(conn, decision, dest, url, started, hop, trace, checked)
             status, reason, resp_headers, data, location = await self._one_hop(
                 conn, decision, url, dest, addresses, method, headers, body, idle, started, hop, trace)

@@ -16,7 +16,8 @@ import re
 import time
 from typing import Any, Optional, Tuple
 
-from .context import Conn, Services
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
 from .http1 import RequestHead, Stream, render_response
 from ..addr import canonical_host
 from .policy import Decision, Target
@@ -222,6 +223,10 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         writer.write(_refusal(403, "blocked-by-policy", "Blocked by AgenShield policy: %s" % decision.reason))
         await writer.drain()
         return False
+    if services.audit_blocked(conn, "connect", shown, started):
+        writer.write(_refusal(503, "audit-failed", AUDIT_TEXT))
+        await writer.drain()
+        return False
     try:
         reader_u, writer_u = await open_upstream(host, port, services.config.connect_timeout, resolver=services.resolver,
                                                  permit=services.permit(target, check_port=services.ext))
@@ -241,8 +246,13 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         return False
     services.upstreams.add(writer_u)
     try:
+        try:
+            services.audit_decision(conn, "connect", decision, shown, "success", started)
+        except AuditError:
+            writer.write(_refusal(503, "audit-failed", AUDIT_TEXT))
+            await writer.drain()
+            return False
         services.count("tunnels")
-        services.audit_decision(conn, "connect", decision, shown, "success", started)
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await writer.drain()
         await pipe(services, conn.stream, Stream(reader_u, writer_u), services.config.idle_timeout)
