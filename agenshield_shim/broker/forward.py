@@ -52,6 +52,8 @@ def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
         scheme = "http" if scheme == "ws" else "https"
     if scheme not in _DEFAULT_PORT or not parts.hostname:
         raise HttpError(400, "only http and https URLs can be forwarded")
+    if not parts.hostname.isascii():  # a request target is ASCII (RFC 3986); no IDNA guesswork here
+        raise HttpError(400, "non-ASCII host in request target")
     try:
         host = canonical_host(parts.hostname)
     except ValueError as exc:

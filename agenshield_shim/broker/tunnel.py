@@ -29,7 +29,7 @@ _PORT = re.compile(r"^[0-9]{1,5}$")
 
 def parse_authority(target: str, default_port: int = 443) -> Optional[Tuple[str, int]]:
     """``host:port``, ``[v6]:port`` or ``host`` -> (host, port); ``None`` when malformed."""
-    if not target or "/" in target or "@" in target:
+    if not target or "/" in target or "@" in target or not target.isascii():
         return None
     if target.startswith("["):
         end = target.find("]")
