@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a /rpc or local-route body (a socket JSON-RPC line) must arrive within this (408)")
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
                    help="client connections served at once; more wait in the listen backlog "
-                        "(default: a quarter of the file-descriptor limit, at least 64)")
+                        "(default: a quarter of the file-descriptor limit, at least 8)")
     p.add_argument("--max-head-size", type=parse_size, default=d.max_head_size, metavar="SIZE",
                    help="largest request line plus headers, in bytes (431 above)")
     p.add_argument("--max-body-size", type=parse_size, default=d.max_body_size, metavar="SIZE", help="largest /rpc request body, in bytes (413 above)")

@@ -67,7 +67,7 @@ class BrokerConfig:
     body_timeout: float = 30.0
     #: Client connections served at once; more wait in the listen backlog (back-pressure) instead
     #: of running the process out of file descriptors. ``None``: from the descriptor limit
-    #: (a quarter of it, each connection may hold an upstream too, and at least 64).
+    #: (a quarter of it, each connection may hold an upstream too, and at least 8).
     max_connections: Optional[int] = None
     #: Largest request head (request line and headers): 431 above it.
     max_head_size: int = 64 * 1024

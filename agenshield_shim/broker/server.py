@@ -56,6 +56,21 @@ def _fd_limit() -> int:
         return 0
 
 
+def listen_warnings(hosts: List[str]) -> List[str]:
+    """One warning per listen address that is not loopback (``0.0.0.0``, ``::``, a LAN address)."""
+    out = []
+    for host in hosts:
+        try:
+            loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            out.append("listening on %s, which is not a loopback address: the port is reachable from other"
+                       " machines (their requests are refused with 403); use --host 127.0.0.1 unless that is"
+                       " what you want" % host)
+    return out
+
+
 def _say(message: str) -> None:
     try:
         sys.stderr.write("agenshield broker: %s\n" % message)
@@ -122,7 +137,7 @@ class Broker:
         if self.config.max_connections is not None:
             return max(1, self.config.max_connections)
         limit = _fd_limit()
-        return max(64, limit // 4) if limit else 1024
+        return max(8, limit // 4) if limit else 1024
 
     def stats(self) -> Dict[str, int]:
         """Live counts (connections, upstreams, tunnels) and totals, for tests and diagnostics."""
@@ -335,17 +350,7 @@ class Broker:
 
     def warnings(self) -> List[str]:
         """What the operator should know about how the broker listens (the CLI prints these)."""
-        out = []
-        for host, _port in self._tcp_addresses:
-            try:
-                loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                out.append("listening on %s, which is not a loopback address: the port is reachable from other"
-                           " machines (their requests are refused with 403); use --host 127.0.0.1 unless that is"
-                           " what you want" % host)
-        return out
+        return listen_warnings([host for host, _port in self._tcp_addresses])
 
     async def _close_listeners(self) -> None:
         for task in self._accept_tasks:

@@ -23,6 +23,11 @@ from ..addr import canonical_host
 from .policy import Decision, Target
 from .upstream import DENIED, DNS_FAILED, UpstreamError, open_upstream
 
+#: Write-buffer high-water mark of each side of a pipe. A tunnel whose client never reads holds
+#: at most this plus one read (``READ_SIZE``) per direction; measured in
+#: ``tests/broker/test_faults.py``. Larger marks save pause/resume round trips but not throughput
+#: (``benchmarks/broker.py``), and memory per stalled tunnel grows with them.
+PIPE_BUFFER = 256 * 1024
 #: ASCII digits only: ``str.isdigit`` is true for ``²`` too, which ``int`` then refuses.
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
@@ -177,7 +182,7 @@ async def pipe(
                 end.eof_received()
         for t in (ct, ut):
             if not t.is_closing():
-                t.set_write_buffer_limits(high=1 << 20)  # fewer pause/resume round trips
+                t.set_write_buffer_limits(high=PIPE_BUFFER)
                 t.resume_reading()
         timer = loop.call_at(state.last + idle_timeout, check_idle)
         await state.done
