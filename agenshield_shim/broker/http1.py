@@ -279,7 +279,7 @@ class Stream:
                     return None
             except asyncio.TimeoutError:
                 if deadline is not None:
-                    raise HttpError(408, "request line not complete within %g s" % line_timeout) from None
+                    raise HttpError(408, "request line not complete within %g s" % (line_timeout or 0)) from None
                 return None
 
     async def read_response_head(self, limit: int) -> Optional[bytes]:
@@ -401,7 +401,7 @@ async def read_body(src: Stream, framing: Tuple[str, int], limit: int, timeout: 
             return await _read_body(src, framing, limit)
         return await asyncio.wait_for(_read_body(src, framing, limit), timeout)
     except asyncio.TimeoutError:
-        raise HttpError(408, "request body not received within %g s" % timeout) from None
+        raise HttpError(408, "request body not received within %g s" % (timeout or 0)) from None
     except ProtocolError as exc:  # a bad chunk line, a short body: answered, then closed
         raise HttpError(400, "malformed request body: %s" % exc) from None
 

@@ -151,7 +151,7 @@ class _Url(NamedTuple):
     def host_header(self) -> str:
         t = self.target
         default = 443 if t.scheme == "https" else 80
-        return self.host.authority_host if t.port == default else "%s:%d" % (self.host.authority_host, t.port)
+        return self.host.authority_host if t.port == default else "%s:%d" % (self.host.authority_host, t.port or 0)
 
 
 def split_url(url: str, method: Optional[str]) -> _Url:
