@@ -50,7 +50,7 @@ from .. import __version__
 from ..addr import Host, IPAddress, canonical_host
 from .audit import AuditError
 from .context import AUDIT_TEXT, Conn, Services
-from .policy import Decision, Target, normalize_host
+from .policy import Decision, Target
 from .upstream import UpstreamError, resolve
 
 PARSE_ERROR = -32700
@@ -297,10 +297,16 @@ class RpcService:
             from .tunnel import parse_authority
 
             auth = parse_authority(target, default_port=443)
-            if auth is None:
+            host: Optional[Host] = None
+            if auth is not None:
+                try:
+                    host = canonical_host(auth[0])  # the form CONNECT decides on
+                except ValueError:
+                    host = None
+            if auth is None or host is None:
                 decision = Decision(False, None, "Invalid target: %s" % target[:200])
             else:
-                t = Target(host=normalize_host(auth[0]), port=auth[1], tunnel=True)
+                t = Target(host=host.text, port=auth[1], tunnel=True)
                 decision = self.services.policy.check(t, check_port=self.services.ext)
         self.services.audit_decision(
             conn, "policy_check", decision, str(target)[:2048], "success" if decision.allowed else "denied",

@@ -401,3 +401,19 @@ def test_a_kept_upstream_with_unread_bytes_is_not_reused(make_broker: Any) -> No
         assert up.connections == 2
     finally:
         up.close()
+
+
+def test_policy_check_answers_on_the_canonical_form(setup: Setup) -> None:
+    """``policy_check`` decides as the requests themselves would: never ``allowed`` for a spelling
+    of a denied address."""
+    def check(operation: str, target: str) -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "policy_check",
+                           "params": {"operation": operation, "target": target}})
+        req = urllib.request.Request(setup.bt.url + "/rpc", data=body.encode())
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as resp:
+            return json.loads(resp.read())["result"]
+
+    for spelling in SPELLINGS:
+        assert check("connect", "%s:80" % spelling)["allowed"] is False, spelling
+        assert check("http_request", "http://%s/" % spelling)["allowed"] is False, spelling
+    assert check("connect", "127.0.0.1.:80")["allowed"] is True
