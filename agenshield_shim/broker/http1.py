@@ -26,9 +26,10 @@ _STATUS_LINE = re.compile(r"^HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([^\x00-\x08\x0
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
-#: A chunk-size line (RFC 9112 7.1): hex size, optional extensions, CRLF; nothing lenient.
-_CHUNK_LINE = re.compile(rb"^([0-9a-fA-F]{1,16})((?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-                         rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*)\r\n$")
+#: A chunk-size line (RFC 9112 7.1): hex size, optional extensions, CRLF; nothing lenient (not
+#: even the grammar's optional whitespace around ``;`` and ``=``, which h11 and others refuse).
+_CHUNK_LINE = re.compile(rb"^([0-9a-fA-F]{1,16})((?:;[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+                         rb"(?:=(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*)\r\n$")
 #: A trailer field line: a header field, CRLF-terminated. A request line there is refused.
 _TRAILER_LINE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 
