@@ -432,6 +432,7 @@ class RpcService:
         limit = services.config.max_rpc_response
         server_hostname = dest.host.text if dest.target.scheme == "https" and dest.host.ip is None else None
         try:
+            first: Optional[BaseException] = None
             for attempt, ip in enumerate(addresses):
                 try:
                     resp = await self.session.request(
@@ -440,9 +441,12 @@ class RpcService:
                         allow_redirects=False, timeout=timeout, server_hostname=server_hostname,
                     )
                     break
-                except aiohttp.ClientConnectorError:
+                except aiohttp.ClientSSLError:
+                    raise  # the address answered: its TLS failure is the answer, not a reason to try another
+                except aiohttp.ClientConnectorError as exc:
+                    first = first or exc
                     if attempt == len(addresses) - 1:
-                        raise
+                        raise first from None
             async with resp:
                 buf = bytearray()
                 async for chunk in resp.content.iter_chunked(256 * 1024):
