@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Set, Tuple
 
+from ..addr import canonical_ip
 from .audit import AuditError, AuditLog
 from .config import BrokerConfig
 from .http1 import Stream, abort
@@ -60,8 +61,9 @@ class Services:
         """For a name: the check each of its resolved addresses must pass (no deny rule matches it
         with the request's port, scheme, method and path). ``None`` for an address: the decision
         was already made on it."""
-        if target.host[:1].isdigit() or ":" in target.host:
-            return None  # canonical IPv4 (names never end in a number) or IPv6
+        host = target.host
+        if ":" in host or (host[-1:].isdigit() and canonical_ip(host) is not None):
+            return None  # an address (a name may start or end with a digit: "9gag.com", "host2")
 
         def check(ip: str) -> Optional[str]:
             refusal = self.policy.deny_for(dataclasses.replace(target, host=ip), check_port)

@@ -77,6 +77,8 @@ def _say(message: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
 #: First bytes that make a Unix-socket connection newline-delimited JSON-RPC rather than HTTP.
 JSON_START = frozenset(b"{[ \t\r\n")
 #: Listen backlog (callers past ``max_connections`` wait here). With 100 (asyncio's default), a burst
@@ -146,6 +148,7 @@ class Broker:
             "connections": len(self._conn_tasks),
             "upstreams": len(s.upstreams) if s else 0,
             "pipes": len(s.pipes) if s else 0,
+            "max_connections": self.max_connections,
         }
         if s:
             out.update(s.counters)

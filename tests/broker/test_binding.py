@@ -80,7 +80,7 @@ class RecordingResolver:
 
     async def __call__(self, host: str, port: int) -> List[Any]:
         self.asked.append(host)
-        if host == "two.test":
+        if host in ("two.test", "2fast.test", "host2"):
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port))]
         if host == "mapped.test":
             return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:127.0.0.2", port, 0, 0))]
@@ -166,7 +166,7 @@ def test_numeric_spellings_never_reach_the_resolver(setup: Setup) -> None:
     assert setup.resolver.asked[asked:] == []
 
 
-@pytest.mark.parametrize("name", ["two.test", "mapped.test"])
+@pytest.mark.parametrize("name", ["two.test", "mapped.test", "2fast.test", "host2"])
 def test_a_name_resolving_to_a_denied_address_is_refused(setup: Setup, name: str) -> None:
     """The policy allows the name; the address it resolves to is denied: refused, never connected."""
     before = setup.denied.accepted
