@@ -122,13 +122,13 @@ def _check(body: bytes) -> None:
     assert copied + rest == body + NEXT  # forwarded exactly what it framed, nothing after it
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(body=chunked_bodies())
 def test_generated_chunked_bodies_frame_as_h11_does(body: bytes) -> None:
     _check(body)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(body=mutated())
 def test_mutated_chunked_bodies_never_frame_differently(body: bytes) -> None:
     _check(body)
