@@ -139,3 +139,104 @@ def test_known_smuggling_shapes_are_refused() -> None:
                  b"0x4\r\nabcd\r\n0\r\n\r\n", b"4 \r\nabcd\r\n0\r\n\r\n"):
         assert broker_frame(body) is None, body
     assert broker_frame(b"4;a=b\r\nabcd\r\n0\r\nX-T: 1\r\n\r\n") is not None
+
+
+# -- request heads: accept/reject and body framing ---------------------------------------------------------
+
+
+def h11_request(message: bytes) -> Optional[Tuple[str, bytes, bytes]]:
+    """(method, body, bytes after the message) as h11 reads ``message + NEXT``; None if refused."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(message + NEXT)
+    method, data = "", b""
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                method = event.method.decode("latin-1")
+            elif isinstance(event, h11.Data):
+                data += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif event is h11.NEED_DATA:
+                return None
+    except h11.RemoteProtocolError:
+        return None
+    return method, data, bytes(conn.trailing_data[0])
+
+
+def broker_request(message: bytes) -> Optional[Tuple[str, bytes, bytes]]:
+    from agenshield_shim.broker.http1 import parse_request_head, request_framing
+
+    async def run() -> Optional[Tuple[str, bytes, bytes]]:
+        src = _Feed.stream(message + NEXT)
+        try:
+            raw = await src.read_head(64 * 1024, 5.0, 5.0)
+            if raw is None:
+                return None
+            head = parse_request_head(raw)
+            if head.version == (1, 1) and head.get("host") is None:
+                return None  # the broker's routes answer it 400 too (h11 refuses it)
+            data = await read_body(src, request_framing(head.headers), 1 << 20)
+        except (HttpError, ProtocolError):
+            return None
+        return head.method, data, bytes(src.buf) + await src.reader.read()
+
+    return asyncio.run(run())
+
+
+@st.composite
+def request_messages(draw: Any) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]))
+    body = draw(st.binary(max_size=12))
+    headers = [b"Host: x"]
+    framing = draw(st.sampled_from(["length", "chunked", "none", "both", "two-lengths"]))
+    if framing in ("length", "both"):
+        headers.append(b"Content-Length: %d" % len(body))
+    if framing == "two-lengths":
+        headers += [b"Content-Length: %d" % len(body), b"Content-Length: %d" % (len(body) + 1)]
+    if framing in ("chunked", "both"):
+        headers.append(b"Transfer-Encoding: chunked")
+        body = (_chunk(body) if body else b"") + b"0\r\n\r\n"
+    if framing == "none":
+        body = b""
+    headers += draw(st.lists(st.sampled_from([b"X-A: 1", b"X-B:  spaced  ", b"Accept: */*"]), max_size=2))
+    return b"%s /p %s\r\n%s\r\n\r\n%s" % (method, version, b"\r\n".join(headers), body)
+
+
+_HEAD_MUTATIONS = [b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b"\x00", b"\xa0", b"\xb2", b"0", b",", b"chunked", b"-"]
+
+
+@st.composite
+def mutated_requests(draw: Any) -> bytes:
+    message = bytearray(draw(request_messages()))
+    for _ in range(draw(st.integers(1, 2))):
+        i = draw(st.integers(0, len(message) - 1))
+        how = draw(st.sampled_from(["insert", "replace", "delete"]))
+        if how == "delete":
+            del message[i]
+        else:
+            message[i:i + (1 if how == "replace" else 0)] = draw(st.sampled_from(_HEAD_MUTATIONS))
+    return bytes(message)
+
+
+def _check_request(message: bytes) -> None:
+    ours = broker_request(message)
+    if ours is None:
+        return
+    ref = h11_request(message)
+    assert ref is not None, "the broker accepts a request h11 refuses: %r" % message
+    assert ours == ref, "the broker and h11 frame %r differently: %r != %r" % (message, ours, ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(message=request_messages())
+def test_generated_requests_frame_as_h11_does(message: bytes) -> None:
+    _check_request(message)
+
+
+@settings(max_examples=400, deadline=None)
+@given(message=mutated_requests())
+def test_mutated_requests_never_frame_differently(message: bytes) -> None:
+    _check_request(message)
