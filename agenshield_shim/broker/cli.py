@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from .. import __version__
 from ..cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file, first_problem
+from .audit import AuditError
 from .config import COMPAT_VERSIONS, LATEST_COMPAT, BrokerConfig
 from .policy import PolicyError, build_policy
 from .server import Broker
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-timeout", type=_seconds, default=d.head_timeout, metavar="S", help="a client must send a whole request head within this (408)")
     p.add_argument("--keepalive-timeout", type=_seconds, default=d.keepalive_timeout, metavar="S",
                    help="an idle keep-alive client connection is closed")
+    p.add_argument("--body-timeout", type=_seconds, default=d.body_timeout, metavar="S",
+                   help="a /rpc or local-route body (a socket JSON-RPC line) must arrive within this (408)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="client connections served at once; more wait in the listen backlog "
+                        "(default: a quarter of the file-descriptor limit, at least 8)")
     p.add_argument("--max-head-size", type=parse_size, default=d.max_head_size, metavar="SIZE",
                    help="largest request line plus headers, in bytes (431 above)")
     p.add_argument("--max-body-size", type=parse_size, default=d.max_body_size, metavar="SIZE", help="largest /rpc request body, in bytes (413 above)")
@@ -116,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
         head_timeout=args.head_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         keepalive_timeout=args.keepalive_timeout,
         max_head_size=args.max_head_size,
         max_body_size=args.max_body_size,
@@ -145,6 +153,9 @@ async def _run(config: BrokerConfig) -> int:
     except PolicyError as exc:
         print("agenshield-shim broker: %s" % exc, file=sys.stderr)
         return 2
+    except AuditError as exc:
+        print("agenshield-shim broker: %s" % exc, file=sys.stderr)
+        return 1
     except OSError as exc:
         print("agenshield-shim broker: cannot listen: %s" % exc, file=sys.stderr)
         return 1
@@ -156,6 +167,8 @@ async def _run(config: BrokerConfig) -> int:
             pass
     for line in broker.listening_lines():
         print(line)
+    for warning in broker.warnings():
+        print("agenshield-shim broker: warning: %s" % warning, file=sys.stderr)
     sys.stdout.flush()
     await broker.serve_forever()
     return 0

@@ -221,6 +221,15 @@ class Policy:
         return Decision(False, None, "Host '%s' is not allowed" % normalize_host(target.host))
 
 
+    def deny_for(self, target: Target, check_port: bool = True) -> Optional[Decision]:
+        """The refusal when a *deny* rule matches ``target`` (used on each resolved address: a name
+        the policy allows must not lead to an address it denies), else ``None``."""
+        decision = self.check(target, check_port)
+        if decision.allowed or decision.policy_id is None:
+            return None
+        return decision
+
+
 def _describe(t: Target) -> str:
     host = normalize_host(t.host)
     return "Host '%s'" % (host if t.port is None else "%s:%d" % (host, t.port))
