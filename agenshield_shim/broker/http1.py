@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 READ_SIZE = 256 * 1024
 MAX_LINE = 8 * 1024  # chunk-size lines and trailer lines
 
-_REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])$")
+_REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])$")
 _STATUS_LINE = re.compile(r"^HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?$")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -126,7 +126,7 @@ def parse_request_head(data: bytes) -> RequestHead:
     lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.split("\r\n")
     m = _REQUEST_LINE.match(lines[0])
     if not m:
-        if re.match(r"^\S+ \S+ HTTP/[0-9]+(\.[0-9]+)?$", lines[0]):
+        if re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]+(\.[0-9]+)?$", lines[0]):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         raise HttpError(400, "malformed request line")
     major, minor = int(m.group(3)), int(m.group(4))
@@ -154,14 +154,16 @@ def request_framing(headers: Headers) -> Tuple[str, int]:
     """``("none", 0)``, ``("length", n)`` or ``("chunked", 0)`` for a request body; 400/501 if ambiguous."""
     te = header_tokens(headers, "transfer-encoding")
     cls = header_all(headers, "content-length")
-    if te:
+    if te or header_all(headers, "transfer-encoding"):
+        if any(not t.strip(" \t") for v in header_all(headers, "transfer-encoding") for t in v.split(",")):
+            raise HttpError(400, "empty element in Transfer-Encoding")  # strict, as h11: one reading only
         if cls:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
         if te != ["chunked"]:
             raise HttpError(501, "unsupported Transfer-Encoding")
         return "chunked", 0
     if cls:
-        values = {v.strip() for c in cls for v in c.split(",")}
+        values = {v.strip(" \t") for c in cls for v in c.split(",")}
         if len(values) != 1:
             raise HttpError(400, "conflicting Content-Length")
         v = values.pop()
@@ -181,7 +183,7 @@ def response_framing(head: ResponseHead, request_method: str) -> Tuple[str, int]
         return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
     cls = header_all(head.headers, "content-length")
     if cls:
-        values = {v.strip() for c in cls for v in c.split(",")}
+        values = {v.strip(" \t") for c in cls for v in c.split(",")}
         if len(values) != 1 or not _DIGITS.match(next(iter(values))):
             raise ProtocolError("invalid Content-Length from upstream")
         return "length", int(values.pop())

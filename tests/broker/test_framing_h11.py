@@ -9,6 +9,7 @@ never less. Found by this test and fixed: the broker took whitespace around ``;`
 extension, which h11 refuses.
 """
 
+import os
 import asyncio
 from typing import Any, List, Optional, Tuple
 
@@ -128,7 +129,7 @@ def test_generated_chunked_bodies_frame_as_h11_does(body: bytes) -> None:
     _check(body)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=int(os.environ.get("H11_EXAMPLES", "400")), deadline=None)
 @given(body=mutated())
 def test_mutated_chunked_bodies_never_frame_differently(body: bytes) -> None:
     _check(body)
@@ -145,7 +146,13 @@ def test_known_smuggling_shapes_are_refused() -> None:
 
 
 def h11_request(message: bytes) -> Optional[Tuple[str, bytes, bytes]]:
-    """(method, body, bytes after the message) as h11 reads ``message + NEXT``; None if refused."""
+    """(method, body, bytes after the message) as h11 reads ``message + NEXT``; None if refused.
+
+    Empty lines before the request line are dropped first: RFC 9112 section 2.2 lets a server ignore
+    them, and the broker does (``Stream.read_head``); h11 refuses them. The one declared difference.
+    """
+    while message.startswith(b"\r\n"):
+        message = message[2:]
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(message + NEXT)
     method, data = "", b""
@@ -236,7 +243,7 @@ def test_generated_requests_frame_as_h11_does(message: bytes) -> None:
     _check_request(message)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=int(os.environ.get("H11_EXAMPLES", "400")), deadline=None)
 @given(message=mutated_requests())
 def test_mutated_requests_never_frame_differently(message: bytes) -> None:
     _check_request(message)
