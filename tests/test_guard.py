@@ -112,8 +112,11 @@ def test_lying_objects_are_never_called() -> None:
     for address in [(Host("example.com"), 6969), ("example.com", Port(80)), Address(("example.com", 80))]:
         with pytest.raises(NetworkBlockedError):
             connect(hook, address)
-    # a real subclass holding the broker's value is accepted, by its value, without calling it
-    connect(hook, (Host("localhost"), Port(6969)))
+    # a real str subclass holding the broker's value is refused too, without calling it: the socket
+    # C code converts a str subclass with the idna codec, so the kernel would get the codec's answer
+    with pytest.raises(NetworkBlockedError):
+        connect(hook, (Host("localhost"), Port(6969)))
+    connect(hook, ("localhost", Port(6969)))  # a real int subclass is read by its value
     assert calls == []
 
 
@@ -129,12 +132,19 @@ def test_port_objects_that_are_not_ints_are_refused() -> None:
 
 def test_dns_rules() -> None:
     hook, _ = make({"AGENSHIELD_ALLOW": "db.internal:5432"})
-    for args in [("localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), ("93.184.216.34", 80, 0, 0, 0), ("db.internal", 5432, 0, 0, 0)]:
+    for args in [(b"localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), (b"93.184.216.34", 80, 0, 0, 0), (b"db.internal", 5432, 0, 0, 0)]:
         hook("socket.getaddrinfo", args)
-    hook("socket.gethostbyname", ("localhost",))
-    hook("socket.gethostbyaddr", ("127.0.0.1",))
-    hook("socket.getnameinfo", (("127.0.0.1", 80),))
+    hook("socket.gethostbyname", (b"localhost",))
+    hook("socket.gethostbyaddr", (b"127.0.0.1",))
+    hook("socket.getnameinfo", (("127.0.0.1", 80),))  # read as UTF-8 in C, no codec: a str is fine
+    # the same as str: C would convert them with the idna codec, which the guard cannot check
+    for event, args in [("socket.getaddrinfo", ("localhost", 6969, 0, 0, 0)), ("socket.getaddrinfo", ("93.184.216.34", 80, 0, 0, 0)),
+                        ("socket.gethostbyname", ("localhost",)), ("socket.gethostbyaddr", ("127.0.0.1",))]:
+        with pytest.raises(NetworkBlockedError, match="idna codec"):
+            hook(event, args)
     for event, args in [
+        ("socket.gethostbyaddr", (b"127.0.0.2",)),  # a PTR query for 127.x.y.z carries 24 bits out
+        ("socket.getnameinfo", (("127.0.0.2", 80),)),
         ("socket.getaddrinfo", ("example.com", 443, 0, 0, 0)),
         ("socket.getaddrinfo", (b"example.com", b"https", 0, 0, 0)),
         ("socket.gethostbyname", ("example.com",)),
