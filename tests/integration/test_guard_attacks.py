@@ -219,7 +219,7 @@ def test_subinterpreters_cannot_be_created(shim: ShimEnv, tcp_listener: Listener
 
 TEARDOWN = textwrap.dedent(
     """
-    import _socket, codecs, os
+    import _socket, codecs, os, socket  # without socket, 3.9 crashes (SIGSEGV) in the finalizer first
     class Finalizer:
         def __del__(self, _socket=_socket.socket, host=HOST, port=PORT, write=os.write, base=BaseException):
             try:
