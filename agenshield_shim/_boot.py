@@ -615,11 +615,12 @@ def make_hook(
             if _name(host, _policy):
                 if _type(host) is not _str:
                     return
-                message = (
-                    "AgenShield: lookup of %s refused: the C code would convert this str with the idna codec, "
-                    "which the guard cannot check; call socket.%s (the shim passes bytes) or pass bytes"
-                    % (target, event[7:])
-                )
+                if _policy[4] is None:  # a guard that blocks everything says why, not this
+                        message = (
+                        "AgenShield: lookup of %s refused: the C code would convert this str with the idna codec, "
+                        "which the guard cannot check; call socket.%s (the shim passes bytes) or pass bytes"
+                        % (target, event[7:])
+                    )
         elif event in _reverse:
             host = args[0]
             if event == "socket.getnameinfo":
@@ -629,10 +630,11 @@ def make_hook(
             if host is not None and _rev(host, _policy):
                 if event not in _codec or _type(host) is not _str:
                     return
-                message = (
-                    "AgenShield: %s refused: the C code would convert this str with the idna codec, which the "
-                    "guard cannot check; call socket.gethostbyaddr (the shim passes bytes) or pass bytes" % (target,)
-                )
+                if _policy[4] is None:
+                    message = (
+                        "AgenShield: %s refused: the C code would convert this str with the idna codec, which the "
+                        "guard cannot check; call socket.gethostbyaddr (the shim passes bytes) or pass bytes" % (target,)
+                    )
         elif event == "socket.bind":
             parts = _parts(args[1])
             if parts is None or _bind(parts[0], _policy):
