@@ -253,3 +253,49 @@ def test_canonical_form_never_claims_loopback_for_something_else(text: str) -> N
             assert text.lower().rstrip(".") == "localhost" or text.lower() == "[localhost]"
         else:
             assert ipaddress.ip_address(text.strip("[]")).is_loopback
+
+
+def test_bind_takes_literals_and_allowed_names_only() -> None:
+    hook, _ = make()
+    for host in ["", "0.0.0.0", "::", "127.0.0.2", b"10.1.2.3", "localhost"]:
+        hook("socket.bind", (object(), (host, 0)))
+    for host in ["example.com", b"exfil.example", type("Host", (str,), {})("127.0.0.1"), bytearray(b"127.0.0.1")]:
+        with pytest.raises(NetworkBlockedError, match="binding a socket"):
+            hook("socket.bind", (object(), (host, 0)))
+    hook("socket.bind", (object(), "/tmp/unix.sock"))
+
+
+def test_modules_that_start_subinterpreters_are_refused() -> None:
+    hook, _ = make()
+    hook("import", ("json", None, [], [], []))
+    for name in ["_testcapi", "_xxsubinterpreters", "_interpreters", "evil._testcapi", type("N", (str,), {})("_testinternalcapi")]:
+        with pytest.raises(ImportError, match="subinterpreters"):
+            hook("import", (name, None, [], [], []))
+    with pytest.raises(PermissionError, match="subinterpreters"):
+        hook("cpython.PyInterpreterState_New", ())
+
+
+def test_a_locked_guard_checks_the_environment_of_children() -> None:
+    policy = _boot.policy_for("localhost", 6969)
+    inherited = frozenset({("PYTHONPATH", "/opt/app"), ("AGENSHIELD_LOG_LEVEL", "error")})
+    hook = _boot.seal(_boot.make_hook(policy, lambda *a: None, True, inherited))
+    fine = [None, {"FOO": "1"}, {"PYTHONPATH": "/opt/app", "AGENSHIELD_LOG_LEVEL": "error"},
+            {b"PYTHONWARNINGS": b"ignore::DeprecationWarning,error::UserWarning"}]
+    for env in fine:
+        hook("subprocess.Popen", ("python", ["python"], None, env))
+        hook("os.exec", ("python", ["python"], env))
+    weak = [{"PYTHONPATH": "/tmp/x"}, {"AGENSHIELD_LOG_LEVEL": "debug"}, {"AGENSHIELD_ENABLED": "false"},
+            {"PYTHONWARNINGS": "ignore::evil.W"}, {b"PYTHONPYCACHEPREFIX": b"/tmp/c"}, {"PYTHONHOME": "/"}]
+    for env in weak:
+        with pytest.raises(PermissionError, match="--lock"):
+            hook("os.posix_spawn", ("python", ["python"], env))
+    for env in [type("D", (dict,), {})(FOO="1"), {"FOO": 1}, [("FOO", "1")]]:  # read again, they could answer otherwise
+        with pytest.raises(PermissionError, match="cannot be checked"):
+            hook("subprocess.Popen", ("python", ["python"], None, env))
+    hook("os.putenv", (b"FOO", b"1"))
+    with pytest.raises(PermissionError, match="--lock"):
+        hook("os.putenv", (b"PYTHONPATH", b"/tmp/x"))
+    # unlocked, children are not checked (the README says what that leaves open)
+    unlocked, _ = make()
+    unlocked("subprocess.Popen", ("python", ["python"], None, {"PYTHONPATH": "/tmp/x"}))
+    unlocked("os.putenv", (b"PYTHONPATH", b"/tmp/x"))
