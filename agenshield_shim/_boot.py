@@ -110,7 +110,7 @@ ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
 # is named after the last part of that name, so a copy under another package is caught too.
 SUBINTERPRETER_EVENT = "cpython.PyInterpreterState_New"
 SUBINTERPRETER_MODULES = frozenset(
-    ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters", "_testmultiphase", "_testsinglephase")
+    ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters")
 )
 # Process starts whose environment a locked guard checks; the environment is their fourth argument
 # for the first two, the third for the others. (A frozenset: a dict in the guard's defaults could be
@@ -119,7 +119,8 @@ SPAWN_EVENTS = frozenset(("subprocess.Popen", "os.spawn", "os.exec", "os.posix_s
 # Interpreter variables that make a Python child run code before ``site`` (so before the shim) or
 # load something else in its place: module search path and prefix (a shadowing ``encodings``,
 # ``site``), the bytecode cache (a forged ``_boot`` .pyc), the user site (its .pth files run
-# before site-packages' outside a venv). PYTHONWARNINGS only when a category names a module.
+# before site-packages' outside a venv), the executable (macOS: another one, so another
+# environment). PYTHONWARNINGS only when a category names a module.
 WEAKENING_VARIABLES = frozenset(
     ("PYTHONPATH", "PYTHONHOME", "PYTHONPYCACHEPREFIX", "PYTHONPLATLIBDIR", "PYTHONUSERBASE", "PYTHONEXECUTABLE")
 )

@@ -46,7 +46,7 @@ if not hasattr(sys, "_agenshield_failsafe"):
    w = v[7:]
    if w == "__new__" and a[1] != 1 and a[1] != -1 or w in ("connect", "sendto", "sendmsg", "bind") and t(a[1]) is not S and t(a[1]) is not B or w in ("getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo") and a[0] is not None:
     raise r(m)
-  elif v in ("object.__setattr__", "object.__delattr__") and a[0] is s or v == "cpython.PyInterpreterState_New" or v == "import" and p(c(a[0]), ".")[2] in ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters", "_testmultiphase", "_testsinglephase"):
+  elif v in ("object.__setattr__", "object.__delattr__") and a[0] is s or v == "cpython.PyInterpreterState_New" or v == "import" and p(c(a[0]), ".")[2] in ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters"):
    raise r(m)
  h.__defaults__ = h.__defaults__[:-1] + (h,)
  sys.addaudithook(h.__call__)
