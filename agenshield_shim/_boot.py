@@ -471,8 +471,6 @@ def _weakening(
     _type=type,
     _dict=dict,
     _items=dict.items,
-    _plain=_plain_host,
-    _str=str,
     _copy=_str_copy,
     _latin=bytes.decode,
     _names=WEAKENING_VARIABLES,
@@ -617,7 +615,7 @@ def make_hook(
                 if _type(host) is not _str:
                     return
                 if _policy[4] is None:  # a guard that blocks everything says why, not this
-                        message = (
+                    message = (
                         "AgenShield: lookup of %s refused: the C code would convert this str with the idna codec, "
                         "which the guard cannot check; call socket.%s (the shim passes bytes) or pass bytes"
                         % (target, event[7:])
