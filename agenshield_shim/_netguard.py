@@ -37,7 +37,7 @@ def _refuse(event: str, target: str, message: str, policy: "Any") -> None:
         _boot._report(event, target, policy)
     except Exception:
         pass
-    raise NetworkBlockedError(message, target, policy[_boot.BROKER])
+    raise NetworkBlockedError(message, target, policy[3])  # the broker
 
 
 def check_address(event: str, address: "Any") -> None:
@@ -62,7 +62,8 @@ def check_address(event: str, address: "Any") -> None:
         _refuse(event, target, _boot.bind_message(target), policy)
     if _boot.decide_destination(host, port, policy):
         return
-    _refuse(event, target, _boot.blocked_message(target, policy[_boot.BROKER], policy[_boot.REASON]), policy)
+    _, _, _, broker, reason = policy
+    _refuse(event, target, _boot.blocked_message(target, broker, reason), policy)
 
 
 def connect(self: "Any", address: "Any") -> None:
