@@ -34,22 +34,23 @@ def as_httpx2(code: str) -> str:
     return out
 
 
-def reused(module: Any, fixture: str) -> List[Any]:
-    """The tests of ``module`` that read only ``fixture`` (a suite's results), ``tag`` and ``upstream``,
-    with their ``tag`` parameters: ``pytest.param(test, tag)``."""
+def reused(module: Any, *fixtures: str) -> List[Any]:
+    """The tests of ``module`` that read only one of ``fixtures`` (a suite's results), ``tag`` and
+    ``upstream``, with their ``tag`` parameters: ``pytest.param(test, fixture, tag)``."""
     cases = []
     for name, test in sorted(vars(module).items()):
         if not name.startswith("test_") or not callable(test):
             continue
         params = set(inspect.signature(test).parameters)
-        if fixture not in params or params - {fixture, "tag", "upstream"}:
+        fixture = next((f for f in fixtures if f in params), None)
+        if fixture is None or params - {fixture, "tag", "upstream"}:
             continue
         tags: List[Optional[str]] = [None]
         for mark in getattr(test, "pytestmark", []):
             if mark.name == "parametrize" and mark.args[0] == "tag":
                 tags = list(mark.args[1])
         for tag in tags:
-            cases.append(pytest.param(test, tag, id=name + ("" if tag is None else "[%s]" % tag)))
+            cases.append(pytest.param(test, fixture, tag, id=name + ("" if tag is None else "[%s]" % tag)))
     assert len(cases) > 10, "the httpx tests to reuse were not found in %s" % module.__name__
     return cases
 
@@ -85,6 +86,7 @@ def hx2_rpc_results(hx2_env: ShimEnv, rpc_broker: Any, upstream: Any) -> Dict[st
     mark = rpc_broker.mark()
     results = run_suite(hx2_env, as_httpx2(HTTPX_SUITE), rpc_broker, upstream, extra_env=RPC)
     results["audit"] = rpc_broker.audit(mark)
+    results["mode"], results["broker"] = "rpc", rpc_broker  # what test_rpc_httpx's suite fixtures carry
     return results
 
 
@@ -103,22 +105,22 @@ def hx2_rpc_extra_results(hx2_env: ShimEnv, rpc_broker: Any, upstream: Any) -> D
 # -- the httpx tests, on httpx2 -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("test, tag", reused(tunnel_tests, "httpx_results"))
-def test_httpx2_tunnel(test: Callable[..., None], tag: Optional[str], hx2_tunnel_results: Dict[str, Any],
-                       upstream: Any) -> None:
-    call(test, "httpx_results", hx2_tunnel_results, tag, upstream)
+@pytest.mark.parametrize("test, fixture, tag", reused(tunnel_tests, "httpx_results"))
+def test_httpx2_tunnel(test: Callable[..., None], fixture: str, tag: Optional[str],
+                       hx2_tunnel_results: Dict[str, Any], upstream: Any) -> None:
+    call(test, fixture, hx2_tunnel_results, tag, upstream)
 
 
-@pytest.mark.parametrize("test, tag", reused(rpc_tests, "rpc_results"))
-def test_httpx2_rpc(test: Callable[..., None], tag: Optional[str], hx2_rpc_results: Dict[str, Any],
+@pytest.mark.parametrize("test, fixture, tag", reused(rpc_tests, "rpc_results", "suite_results"))
+def test_httpx2_rpc(test: Callable[..., None], fixture: str, tag: Optional[str], hx2_rpc_results: Dict[str, Any],
                     upstream: Any) -> None:
-    call(test, "rpc_results", hx2_rpc_results, tag, upstream)
+    call(test, fixture, hx2_rpc_results, tag, upstream)
 
 
-@pytest.mark.parametrize("test, tag", reused(rpc_tests, "extra_results"))
-def test_httpx2_rpc_extra(test: Callable[..., None], tag: Optional[str], hx2_rpc_extra_results: Dict[str, Any],
-                          upstream: Any) -> None:
-    call(test, "extra_results", hx2_rpc_extra_results, tag, upstream)
+@pytest.mark.parametrize("test, fixture, tag", reused(rpc_tests, "extra_results"))
+def test_httpx2_rpc_extra(test: Callable[..., None], fixture: str, tag: Optional[str],
+                          hx2_rpc_extra_results: Dict[str, Any], upstream: Any) -> None:
+    call(test, fixture, hx2_rpc_extra_results, tag, upstream)
 
 
 @pytest.fixture(scope="module")
