@@ -64,6 +64,14 @@ def blocked_message(destination: str, broker: str, reason: "Optional[str]" = Non
     return "AgenShield: direct connection to %s blocked; use the broker at %s" % (destination, broker)
 
 
+def bind_message(destination: str) -> str:
+    """Why binding to a host name is refused (from the guard and from ``_netguard``)."""
+    return (
+        "AgenShield: binding a socket to %s refused: only address literals, \"\" and the broker's or "
+        "allowed names can be bound (any other name is a DNS query); bind to an address" % (destination,)
+    )
+
+
 # -- constants ------------------------------------------------------------------------------
 
 AF_UNIX = 1
@@ -82,19 +90,48 @@ SOCK_PACKET = 10
 ALLOWED_FAMILIES = frozenset((AF_UNIX, AF_INET, AF_INET6, -1))
 
 CONNECT_EVENTS = frozenset(("socket.connect", "socket.sendto", "socket.sendmsg"))
+# bind sends nothing, but a host name in its address is resolved (a DNS query) like connect's.
+BIND_EVENT = "socket.bind"
 NAME_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname"))
 REVERSE_EVENTS = frozenset(("socket.gethostbyaddr", "socket.getnameinfo"))
+# The lookups whose C code turns a str host into bytes with the Python ``idna`` codec, which any
+# code can replace or re-register: the guard would judge the text while the resolver got what the
+# codec returned. Only bytes reach the resolver as they are (``_netguard`` passes them for the
+# ``socket`` module's functions). getnameinfo reads its host as UTF-8 in C: no codec.
+CODEC_EVENTS = frozenset(("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"))
 TAMPER_EVENTS = frozenset(("object.__setattr__", "object.__delattr__"))
 # os.environ changes reach subinterpreters, multiprocessing and every child that inherits the
 # environment, so the shim's own variables are frozen for the life of a guarded interpreter.
 ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
+# A subinterpreter can be started without ``site`` (so without the shim): refused. CPython raises
+# "cpython.PyInterpreterState_New" in the creating interpreter only on some paths (not for
+# _testcapi.run_in_subinterp, nor 3.13's _interpreters), so the modules that create them are
+# refused at import: the "import" event carries the name, and an extension module's init symbol
+# is named after the last part of that name, so a copy under another package is caught too.
+SUBINTERPRETER_EVENT = "cpython.PyInterpreterState_New"
+SUBINTERPRETER_MODULES = frozenset(
+    ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters")
+)
+# Process starts whose environment a locked guard checks; the environment is their fourth argument
+# for the first two, the third for the others. (A frozenset: a dict in the guard's defaults could be
+# emptied by anyone, with no audit event.)
+SPAWN_EVENTS = frozenset(("subprocess.Popen", "os.spawn", "os.exec", "os.posix_spawn"))
+# Interpreter variables that make a Python child run code before ``site`` (so before the shim) or
+# load something else in its place: module search path and prefix (a shadowing ``encodings``,
+# ``site``), the bytecode cache (a forged ``_boot`` .pyc), the user site (its .pth files run
+# before site-packages' outside a venv), the executable (macOS: another one, so another
+# environment). PYTHONWARNINGS only when a category names a module.
+WEAKENING_VARIABLES = frozenset(
+    ("PYTHONPATH", "PYTHONHOME", "PYTHONPYCACHEPREFIX", "PYTHONPLATLIBDIR", "PYTHONUSERBASE", "PYTHONEXECUTABLE")
+)
 WATCHED_EVENTS = (
     CONNECT_EVENTS
     | NAME_EVENTS
     | REVERSE_EVENTS
     | TAMPER_EVENTS
     | ENV_EVENTS
-    | frozenset(("socket.__new__",))
+    | SPAWN_EVENTS
+    | frozenset(("socket.__new__", BIND_EVENT, SUBINTERPRETER_EVENT, "import"))
 )
 
 LOOPBACK_NAMES = frozenset(("localhost",))
@@ -230,7 +267,29 @@ def _exact_str(
         return None  # bytearray (mutable: could change under us), or anything else
 
 
-def canonical_host(value: "Any", _exact=_exact_str, _canon=_canon_text) -> "Optional[str]":
+def _plain_host(
+    value: "Any",
+    _type=type,
+    _str=str,
+    _decode=_bytes_decode,
+    TypeError=TypeError,  # noqa: N803
+    UnicodeDecodeError=UnicodeDecodeError,  # noqa: N803
+) -> "Optional[str]":
+    """The text of a host exactly as the socket C code hands it to the kernel, or None.
+
+    An exact ``str`` (C uses its ASCII buffer as is) or ``bytes`` (or a real subclass: C reads
+    the buffer, not methods). A ``str`` subclass is refused: C converts it with the ``idna``
+    codec, Python code anyone can replace, so what the guard reads is not what the kernel gets.
+    """
+    if _type(value) is _str:
+        return value
+    try:
+        return _decode(value, "ascii")
+    except (TypeError, UnicodeDecodeError):
+        return None  # str subclasses, bytearray (mutable), anything else
+
+
+def canonical_host(value: "Any", _exact=_plain_host, _canon=_canon_text) -> "Optional[str]":
     """Canonical form of a host as passed to the socket API, or None if it cannot be trusted."""
     text = _exact(value)
     if text is None:
@@ -327,6 +386,7 @@ def _resolves_to(
     _type=type,
     _builtin=type(len),
     _module=type(sys),
+    _encode=str.encode,
     OSError=OSError,  # noqa: N803
 ) -> bool:
     """Is this IP one that an allowed *name* (with this port) resolves to?"""
@@ -344,7 +404,7 @@ def _resolves_to(
         return False
     for name in wanted:
         try:
-            infos = getaddrinfo(name, port)
+            infos = getaddrinfo(_encode(name, "ascii"), port)  # bytes: no idna codec on the way
         except OSError:
             continue
         for info in infos:
@@ -384,11 +444,84 @@ def decide_name(host: "Any", policy: "Policy", _canonical=canonical_host) -> boo
 
 
 def decide_reverse(host: "Any", policy: "Policy", _canonical=canonical_host, _loop=LOOPBACK_ALIASES) -> bool:
-    """May this address be looked up in reverse? Only loopback: anything else asks a DNS server."""
+    """May this address be looked up in reverse? ``localhost``, 127.0.0.1, ::1 and the allowed names.
+
+    Anything else may ask a DNS server, and a PTR query for 127.x.y.z carries 24 bits of the
+    caller's choosing to it.
+    """
     canon = _canonical(host)
     if canon is None:
         return False
-    return canon in _loop or canon in policy[1] or canon.startswith("127.")
+    return canon in _loop or canon in policy[1]
+
+
+def decide_bind(host: "Any", policy: "Policy", _canonical=canonical_host, _plain=_plain_host) -> bool:
+    """May a socket be bound to this host? Any address literal and "" (any); names only if allowed."""
+    if _plain(host) == "":
+        return True
+    canon = _canonical(host)
+    if canon is None:
+        return False
+    return not canon.startswith("name:") or canon in policy[1]
+
+
+def _weakening(
+    env: "Any",
+    inherited: "FrozenSet[Tuple[str, str]]",
+    _type=type,
+    _dict=dict,
+    _items=dict.items,
+    _copy=_str_copy,
+    _latin=bytes.decode,
+    _names=WEAKENING_VARIABLES,
+    TypeError=TypeError,  # noqa: N803
+) -> "Optional[str]":
+    """The first variable of a child's environment that weakens the shim in a Python child.
+
+    "" if none; None if the environment cannot be read without running the caller's code (not an
+    exact ``dict``, or a key or value neither ``str`` nor ``bytes``: ``subprocess`` and ``os``
+    would call its methods again and could be answered differently). A variable with the value
+    this interpreter was started with is no weakening: ``env=None`` would pass it too.
+    """
+    if env is None:
+        return ""
+    if _type(env) is not _dict:
+        return None
+    for key, value in _items(env):
+        pair = []
+        for item in (key, value):
+            try:
+                text = _copy(item)
+            except TypeError:
+                try:
+                    text = _latin(item, "latin-1")
+                except TypeError:
+                    return None
+            pair.append(text)
+        name, text = pair[0], pair[1]
+        if not (name.startswith("AGENSHIELD_") or name in _names or name == "PYTHONWARNINGS"):
+            continue
+        if (name, text) in inherited:
+            continue
+        if name == "PYTHONWARNINGS":
+            # action:message:category:module:lineno; a dotted category is imported before site
+            if not [f for f in text.split(",") if "." in (f.split(":") + ["", "", ""])[2]]:
+                continue
+        return name
+    return ""
+
+
+def inherited_environment(environ: "Any") -> "FrozenSet[Tuple[str, str]]":
+    """(name, value) of the variables ``_weakening`` watches, as this interpreter got them."""
+    data = getattr(environ, "_data", None)
+    if type(data) is not dict:
+        return frozenset()
+    out = set()
+    for key, value in data.items():
+        name = os.fsdecode(key)
+        if name.startswith("AGENSHIELD_") or name in WEAKENING_VARIABLES or name == "PYTHONWARNINGS":
+            out.add((name, os.fsdecode(value)))
+    return frozenset(out)
 
 
 def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=TypeError) -> "Any":  # noqa: N803
@@ -408,9 +541,16 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
 
 
 def make_hook(
-    policy: "Policy", report: "Callable[[str, str, Policy], None]"
+    policy: "Policy",
+    report: "Callable[[str, str, Policy], None]",
+    locked: bool = False,
+    inherited: "FrozenSet[Tuple[str, str]]" = frozenset(),
 ) -> "Callable[[str, Tuple[Any, ...]], None]":
-    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored)."""
+    """Build the audit hook for a policy; ``report`` logs a refusal (its failures are ignored).
+
+    ``locked`` (installed with ``--lock``): processes started with an environment that weakens
+    the shim in a Python child are refused too; ``inherited`` is what this interpreter got.
+    """
     # Two functions: ``audit_hook`` sees every audit event of the interpreter (every ``open``,
     # every import), so it does one set lookup and carries two defaults; ``judge`` runs for the
     # few events that matter.
@@ -421,45 +561,85 @@ def make_hook(
         _connect=CONNECT_EVENTS,
         _names=NAME_EVENTS,
         _reverse=REVERSE_EVENTS,
+        _codec=CODEC_EVENTS,
         _tamper=TAMPER_EVENTS,
         _env=ENV_EVENTS,
+        _spawn=SPAWN_EVENTS,
+        _subs=SUBINTERPRETER_MODULES,
         _exact=_exact_str,
+        _str=str,
+        _type=type,
         _families=ALLOWED_FAMILIES,
         _inet=(AF_INET, AF_INET6),
         _raw=(SOCK_RAW, SOCK_PACKET),
         _policy=policy,
         _report=report,
+        _locked=locked,
+        _inherited=inherited,
         _parts=_address_parts,
         _dest=decide_destination,
         _name=decide_name,
         _rev=decide_reverse,
+        _bind=decide_bind,
+        _weak=_weakening,
         _display=_display,
         _format=format_destination,
         _message=blocked_message,
+        _bind_message=bind_message,
         _error=NetworkBlockedError,
         _permission=PermissionError,
+        _import=ImportError,
         _base=BaseException,
         _protected=(),
     ) -> None:
         target = None
-        if event in _connect:
+        message = None
+        if event == "import":
+            name = _exact(args[0])
+            if name is not None and name.rpartition(".")[2] not in _subs:
+                return
+            raise _import(
+                "AgenShield: %s cannot be imported in a guarded interpreter: it starts subinterpreters, "
+                "which run without the network guard" % (_display(args[0]),)
+            )
+        elif event in _connect:
             parts = _parts(args[1])
             if parts is None or _dest(parts[0], parts[1], _policy):
                 return
             target = _format(_display(parts[0]), None if parts[1] is None else _display(parts[1]))
         elif event in _names:
-            if _name(args[0], _policy):
-                return
+            host = args[0]
             port = args[1] if event == "socket.getaddrinfo" else None
-            target = _format(_display(args[0]), None if port is None else _display(port))
+            target = _format(_display(host), None if port is None else _display(port))
+            if _name(host, _policy):
+                if _type(host) is not _str:
+                    return
+                if _policy[4] is None:  # a guard that blocks everything says why, not this
+                    message = (
+                        "AgenShield: lookup of %s refused: the C code would convert this str with the idna codec, "
+                        "which the guard cannot check; call socket.%s (the shim passes bytes) or pass bytes"
+                        % (target, event[7:])
+                    )
         elif event in _reverse:
             host = args[0]
             if event == "socket.getnameinfo":
                 parts = _parts(host)
                 host = None if parts is None else parts[0]
-            if host is not None and _rev(host, _policy):
-                return
             target = "reverse lookup of " + _display(host)
+            if host is not None and _rev(host, _policy):
+                if event not in _codec or _type(host) is not _str:
+                    return
+                if _policy[4] is None:
+                    message = (
+                        "AgenShield: %s refused: the C code would convert this str with the idna codec, which the "
+                        "guard cannot check; call socket.gethostbyaddr (the shim passes bytes) or pass bytes" % (target,)
+                    )
+        elif event == "socket.bind":
+            parts = _parts(args[1])
+            if parts is None or _bind(parts[0], _policy):
+                return
+            target = _format(_display(parts[0]), None if parts[1] is None else _display(parts[1]))
+            message = _bind_message(target)
         elif event == "socket.__new__":
             family, kind = args[1], args[2]
             if family in _families and not (family in _inet and kind & 15 in _raw):
@@ -476,10 +656,33 @@ def make_hook(
                 raise _permission(
                     "AgenShield: %s cannot be changed inside a guarded interpreter" % (_display(name),)
                 )
+            if _locked and event == "os.putenv" and (name is None or _weak({name: args[1]}, _inherited) != ""):
+                raise _permission(
+                    "AgenShield: %s cannot be set inside a guarded interpreter installed with --lock: it would "
+                    "start Python children without the guard" % (_display(args[0]),)
+                )
             return
+        elif event in _spawn:
+            if not _locked:
+                return
+            weak = _weak(args[3] if event == "subprocess.Popen" or event == "os.spawn" else args[2], _inherited)
+            if weak == "":
+                return
+            raise _permission(
+                "AgenShield: starting a process refused: %s (installed with --lock). Start it without "
+                "that variable, or with the value this interpreter has; pass the environment as a dict of str"
+                % ("its environment sets %s, which would let a Python child run without the guard" % (weak,)
+                   if weak is not None else "its environment is not a dict of str or bytes, so it cannot be checked")
+            )
+        elif event == "cpython.PyInterpreterState_New":
+            raise _permission(
+                "AgenShield: subinterpreters cannot be created in a guarded interpreter: they run without the "
+                "network guard"
+            )
         else:
             return
-        message = _message(target, _policy[3], _policy[4])
+        if message is None:
+            message = _message(target, _policy[3], _policy[4])
         try:
             _report(event, target, _policy)
         except _base:
@@ -500,6 +703,7 @@ PROTECTED_HELPERS = (
     _parse_v6,
     _canon_text,
     _exact_str,
+    _plain_host,
     canonical_host,
     _exact_port,
     _display,
@@ -507,9 +711,12 @@ PROTECTED_HELPERS = (
     decide_destination,
     decide_name,
     decide_reverse,
+    decide_bind,
+    _weakening,
     _address_parts,
     format_destination,
     blocked_message,
+    bind_message,
 )
 
 
@@ -534,10 +741,15 @@ _active: "Optional[Policy]" = None
 _installs = 0  # how many hooks this interpreter got from us: the boot's idempotence is tested on it
 
 
-def install(policy: "Policy", report: "Callable[[str, str, Policy], None]") -> None:
+def install(
+    policy: "Policy",
+    report: "Callable[[str, str, Policy], None]",
+    locked: bool = False,
+    inherited: "FrozenSet[Tuple[str, str]]" = frozenset(),
+) -> None:
     """Add the audit hook for this policy (there is no way to take it back)."""
     global _active, _installs
-    sys.addaudithook(seal(make_hook(policy, report)))
+    sys.addaudithook(seal(make_hook(policy, report, locked, inherited)))
     _active = policy
     _installs += 1
 
@@ -566,9 +778,11 @@ VARIABLES = (
 #: (module whose import triggers the hook, "hook module:function"), registered in this order.
 HOOKS = (
     ("socket", "agenshield_shim.hooks.socket:install"),
+    ("socket", "agenshield_shim._netguard:install"),
     ("http.client", "agenshield_shim.hooks.http_client:install"),
     ("aiohttp", "agenshield_shim.hooks.aiohttp:install"),
     ("httpx", "agenshield_shim.hooks.httpx:install"),
+    ("httpx2", "agenshield_shim.hooks.httpx:install"),  # the maintained fork, its own module names
     ("websockets.asyncio.client", "agenshield_shim.hooks.websockets:install_asyncio"),
     ("websockets.sync.client", "agenshield_shim.hooks.websockets:install_sync"),
     ("websockets.legacy.client", "agenshield_shim.hooks.websockets:install_legacy"),
@@ -678,7 +892,12 @@ def boot() -> None:
             config = _config.load(environ, lock if locked else None)
         except (_config.ShimConfigError, OSError) as exc:
             reason = "invalid configuration: %s" % (exc,)
-            install(block_all_policy("(unknown: configuration invalid)", reason), _report)
+            install(
+                block_all_policy("(unknown: configuration invalid)", reason),
+                _report,
+                locked,
+                inherited_environment(environ) if locked else frozenset(),
+            )
             sys.stderr.write("agenshield-shim: %s; all network access is blocked until it is fixed\n" % (exc,))
             return
         if not config.enabled:  # only reached when boot() is called directly: the .pth checks first
@@ -692,7 +911,7 @@ def boot() -> None:
         _config_object = config
     else:
         policy = DEFAULT_POLICY
-    install(policy, _report)
+    install(policy, _report, locked, inherited_environment(environ) if locked else frozenset())
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
     set_proxy_environment(environ, policy[BROKER], _config_object.allow if _config_object is not None else ())

@@ -17,7 +17,8 @@ The probe, cheapest first:
    allows it connects nowhere (the kernel refuses port 0 locally); it costs one audit line.
 
 A broker that cannot be reached, or does not answer in time, decides nothing: nothing is cached and
-the connection goes the tunnel's way, whose own error says that the broker is down.
+the connection goes the way whose own error says that the broker is down, naming it as configured:
+rpc for a Unix socket (both brokers speak JSON-RPC lines there), else the tunnel.
 """
 
 import threading
@@ -73,8 +74,20 @@ def choose(config: Config, deadline_s: "Optional[float]" = None) -> str:
     """``tunnel`` or ``rpc`` for this broker; probes once under ``auto`` (thread-safe, blocking)."""
     if config.transport != "auto":
         return config.transport
-    choice = probe(config, deadline_s)
-    return TUNNEL if choice is None else choice.transport
+    probe(config, deadline_s)
+    return current(config)
+
+
+def current(config: Config) -> str:
+    """The transport in use now, asking nothing: the configured one, the one learned, or (nothing
+    learned yet: the broker could not be asked) the way whose error names the broker as configured,
+    rpc for a Unix socket (both brokers speak JSON-RPC lines there), else the tunnel."""
+    if config.transport != "auto":
+        return config.transport
+    choice = _probed.get(_key(config))
+    if choice is not None:
+        return choice.transport
+    return RPC if config.broker_socket else TUNNEL
 
 
 def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Choice]":

@@ -6,12 +6,12 @@ Each entry names ``module:function``; the function takes the remaining arguments
 the exit status.
 """
 
-import argparse
 import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
+from .cli_args import Parser
 
 #: command -> (module:function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -23,6 +23,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "wrapper": ("agenshield_shim.wrapper:cli_wrapper", "write a wrapper script that runs a Python sandboxed"),
     "restore": ("agenshield_shim.wrapper:cli_restore", "remove a wrapper script written by 'wrapper'"),
     "sandbox-profile": ("agenshield_shim.sandbox.seatbelt:cli_profile", "print the macOS seatbelt profile"),
+    "audit": ("agenshield_shim.audit_report:main", "summarise an audit log: what the agent tried to reach"),
     "selftest": ("agenshield_shim.selftest:main", "check the interpreter this runs in (python -m agenshield_shim.selftest)"),
 }
 
@@ -36,9 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
         return int(_resolve(COMMANDS[args[0]][0])(args[1:]) or 0)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim",
-        description="Network isolation for Python AI agents (the Python side of AgenShield).",
+        description="Network isolation for Python AI agents (the Python side of AgenShield). "
+                    "'agenshield-shim COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version="agenshield-shim " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import __version__
+from .cli_args import Parser, check_input_file, check_python, usage_error
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, LOCK_FILE, ShimConfigError,
     _parse_host, _parse_port, load,
@@ -610,19 +611,20 @@ def _env_default_port() -> int:
 def _port_arg(text: str) -> int:
     try:
         return _parse_port(text, "--broker-port")
-    except ShimConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ShimConfigError:  # argparse names the flag itself
+        raise argparse.ArgumentTypeError("%r is not a TCP port; give a number from 1 to 65535" % text) from None
 
 
 def _host_arg(text: str) -> str:
     try:
         return _parse_host(text, "--broker-host")
-    except ShimConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ShimConfigError:
+        raise argparse.ArgumentTypeError("%r is not a host name or IP address (e.g. localhost, 127.0.0.1)" % text) \
+            from None
 
 
 def _add_common(parser: argparse.ArgumentParser, broker: bool = True) -> None:
-    parser.add_argument("--python", required=True, metavar="PATH", help="the target interpreter (e.g. venv/bin/python)")
+    parser.add_argument("--python", required=True, metavar="PATH", help="the target interpreter (e.g. agent-env/bin/python)")
     if broker:
         parser.add_argument("--broker-host", type=_host_arg, default=None,
                             help="broker host (default: $%s or %s)" % (ENV_BROKER_HOST, DEFAULT_BROKER_HOST))
@@ -631,7 +633,7 @@ def _add_common(parser: argparse.ArgumentParser, broker: bool = True) -> None:
 
 
 def install_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim install",
         description="pip-install this agenshield-shim wheel into the environment of another Python (no network needed).",
     )
@@ -641,12 +643,13 @@ def install_parser() -> argparse.ArgumentParser:
                              "(AGENSHIELD_ENABLED=false included) are ignored")
     parser.add_argument("--replace-legacy", action="store_true",
                         help="move aside a sitecustomize.py written by the old AgenShield patcher")
-    parser.add_argument("--wheel", metavar="FILE", help="the wheel to install (default: this installation's)")
+    parser.add_argument("--wheel", metavar="FILE", help="the wheel to install (default: the one this agenshield-shim "
+                                                       "came from, or one built from it)")
     return parser
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim verify",
         description="Check inside a Python that the shim is active, direct connections are refused, the broker "
                     "answers and a request is routed through it. Exit status 0 only if all pass.",
@@ -657,7 +660,7 @@ def verify_parser() -> argparse.ArgumentParser:
 
 
 def uninstall_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim uninstall",
         description="Remove agenshield-shim, its start-up files and lock file from the environment of a Python.",
     )
@@ -681,6 +684,9 @@ def _report(prog: str, result: InstallResult) -> None:
 
 def cli_install(argv: List[str]) -> int:
     args = install_parser().parse_args(argv)
+    problem = check_python("--python", args.python) or _wheel_problem(args.wheel)
+    if problem:
+        return usage_error("agenshield-shim install", problem)
     try:
         patcher = _patcher(args, lock=args.lock, replace_legacy=args.replace_legacy, wheel=args.wheel,
                            echo=lambda text: print(text, file=sys.stderr))
@@ -692,8 +698,19 @@ def cli_install(argv: List[str]) -> int:
     return 0
 
 
+def _wheel_problem(wheel: Optional[str]) -> Optional[str]:
+    problem = check_input_file("--wheel", wheel)
+    if problem is None and wheel is not None and not (
+            os.path.basename(wheel).startswith("agenshield_shim-") and wheel.endswith(".whl")):
+        problem = "--wheel %s: not an agenshield_shim wheel (agenshield_shim-VERSION-py3-none-any.whl)" % wheel
+    return problem
+
+
 def cli_verify(argv: List[str]) -> int:
     args = verify_parser().parse_args(argv)
+    problem = check_python("--python", args.python)
+    if problem:
+        return usage_error("agenshield-shim verify", problem)
     result = _patcher(args).verify()
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
@@ -706,6 +723,9 @@ def cli_verify(argv: List[str]) -> int:
 
 def cli_uninstall(argv: List[str]) -> int:
     args = uninstall_parser().parse_args(argv)
+    problem = check_python("--python", args.python)
+    if problem:
+        return usage_error("agenshield-shim uninstall", problem)
     patcher = PythonPatcher(args.python)
     try:
         result = patcher.restore_original() if args.restore_original else patcher.uninstall()

@@ -1,4 +1,4 @@
-"""``agenshield-shim run [--allow HOST[:PORT] ...] [--policy FILE] [--sandbox none|netns|auto] -- COMMAND ...``
+"""``agenshield-shim run [--allow HOST[:PORT] ...] [--policy FILE] [--audit FILE] [--sandbox none|netns|auto] -- COMMAND ...``
 
 The main job in one line, in the style of ``opentelemetry-instrument`` or ``ddtrace-run``:
 
@@ -18,11 +18,21 @@ The main job in one line, in the style of ``opentelemetry-instrument`` or ``ddtr
 4. Forward signals to COMMAND (SIGINT only when stdin is not a terminal: a terminal's Ctrl-C already
    reaches COMMAND, which is in the same process group), exit with its status (128+N when it died
    of signal N), stop the broker.
+5. Say what the started broker refused, one sentence per destination with its reason and the
+   ``--allow`` that would let it through, as the last lines of the output. The broker's audit goes
+   to ``--audit FILE`` (or a temporary file), never to the terminal: raw JSON lines in the middle
+   of COMMAND's output bury what matters (see ``agenshield-shim audit`` to read such a file).
+
+Bad input (a missing program, a policy or ``--allow`` the broker would refuse, a malformed
+``AGENSHIELD_*`` variable in the environment COMMAND would inherit) is refused before anything
+starts: one line naming it, exit status 2.
 """
 
 import argparse
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,9 +40,10 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from .cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file, shown
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, ENV_BROKER_SOCKET, ShimConfigError,
-    _parse_host, _parse_port,
+    _parse_host, _parse_port, load,
 )
 
 PROG = "agenshield-shim run"
@@ -40,6 +51,11 @@ SANDBOXES = ("none", "netns", "auto")
 FORWARDED = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGCONT")
 _PYTHON_NAME = re.compile(r"^python(\d+(\.\d+)?)?$")
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
+#: Read by the rpc transport (``_rpc.trace_context``), which drops a malformed value silently.
+ENV_TRACE_ID = "AGENSHIELD_TRACE_ID"
+ENV_DEPTH = "AGENSHIELD_DEPTH"
+#: At most this many refusals are spelled out after COMMAND; the rest are counted.
+SHOWN_REFUSALS = 5
 
 
 class RunError(Exception):
@@ -47,19 +63,27 @@ class RunError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
-        description="Run COMMAND with the shim active, through the configured broker or a reference broker "
-                    "started for its lifetime.",
-        usage="%(prog)s [--allow HOST[:PORT] ...] [--policy FILE] [--sandbox none|netns|auto] -- COMMAND ...",
+        description="Run COMMAND with the shim active, through the configured broker (AGENSHIELD_BROKER_HOST/"
+                    "_PORT, default localhost:6969) if it answers, else through a reference broker started for "
+                    "its lifetime. Exits with COMMAND's status; what the broker refused is summarised at the end.",
+        usage="%(prog)s [--allow HOST[:PORT] ...] [--policy FILE] [--audit FILE] [--sandbox none|netns|auto] "
+              "-- COMMAND ...",
+        epilog=POLICY_EPILOG,
     )
     parser.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]",
-                        help="allow a destination in the broker run starts (repeatable)")
-    parser.add_argument("--policy", metavar="FILE", help="TOML policy file for the broker run starts")
+                        help="allow a destination in the broker run starts, after the policy's rules (repeatable; "
+                             "default: none, so only loopback is allowed)")
+    parser.add_argument("--policy", metavar="FILE",
+                        help="TOML policy file for the broker run starts, format in docs/policy.md (default: none)")
     parser.add_argument("--sandbox", choices=SANDBOXES, default="none",
-                        help="none (in-process guard only, default), netns (Linux network namespace), auto")
-    parser.add_argument("--audit", metavar="FILE", help="the started broker's audit log (default: its stderr)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+                        help="none: the in-process guard only; netns: also a Linux network namespace (stops native "
+                             "code and non-Python children); auto: netns where it can be created")
+    parser.add_argument("--audit", metavar="FILE",
+                        help="append the started broker's audit log (JSON lines) to FILE; read it with "
+                             "'agenshield-shim audit FILE' (default: a temporary file, summarised at the end)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
     return parser
 
 
@@ -68,11 +92,67 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        parser.error("give the command to run after --")
+        parser.error("give the command to run after --, e.g. %s -- python agent.py" % PROG)
     args.command = command
-    if args.policy is not None and not os.path.isfile(args.policy):
-        parser.error("--policy %s: no such file" % args.policy)
+    problem = (check_input_file("--policy", args.policy) or check_output_file("--audit", args.audit)
+               or _program_problem(command[0]) or _policy_problem(args.policy, args.allow))
+    if problem:
+        parser.error(problem)
     return args
+
+
+def _program_problem(program: str) -> Optional[str]:
+    """Why COMMAND cannot be started, before a broker is started for it; None if it can."""
+    if shutil.which(program) is not None:
+        return None
+    program = shown(program)
+    if os.sep in program:
+        if os.path.isdir(program):
+            return "%s: is a directory, not a program; give the program to run after --" % program
+        if os.path.exists(program):
+            return "%s: not executable; make it executable (chmod +x) or run it with its interpreter" % program
+        return "%s: no such program; check the path" % program
+    return "%s: no such program in PATH; give its path or install it" % program
+
+
+def _policy_problem(policy: Optional[str], allow: List[str]) -> Optional[str]:
+    """The broker's own verdict on --policy/--allow, so a bad rule is one line here, not a dead broker."""
+    if policy is None and not allow:
+        return None
+    try:
+        from .broker.policy import PolicyError, build_policy
+    except ImportError:  # no broker code here: the broker's own start reports it
+        return None
+    try:
+        build_policy(policy, allow)
+    except PolicyError as exc:
+        return str(exc)
+    except ImportError as exc:  # tomli on Python < 3.11
+        return "--policy %s: cannot read TOML here (%s); install it with: pip install \"agenshield-shim[broker]\"" % (
+            policy, exc)
+    return None
+
+
+def environment_problem(env: Dict[str, str]) -> Optional[str]:
+    """A malformed ``AGENSHIELD_*`` variable COMMAND would inherit, as one line; None if all are sound.
+
+    The shim would refuse every connection of COMMAND over it (fail closed); saying so before
+    COMMAND starts is kinder. ``AGENSHIELD_DEPTH``/``_TRACE_ID`` are read by the rpc transport,
+    which leaves a malformed depth out of its calls silently: checked here too.
+    """
+    try:
+        load(env)
+    except ShimConfigError as exc:
+        return "%s; fix or unset it" % exc
+    depth = env.get(ENV_DEPTH)
+    if depth is not None and depth.strip() and not (depth.strip().isdigit() and depth.strip().isascii()):
+        return ("%s=%r is not a depth; use a whole number (0 for a top-level agent, 1 for its sub-agent, ...) "
+                "or unset it" % (ENV_DEPTH, depth))
+    trace = env.get(ENV_TRACE_ID)
+    if trace is not None and not all(ch.isprintable() for ch in trace):
+        return "%s=%r holds control characters; use printable text (an id such as a UUID) or unset it" % (
+            ENV_TRACE_ID, trace)
+    return None
 
 
 def configured_broker(environ: Optional[Dict[str, str]] = None) -> Tuple[str, int]:
@@ -98,22 +178,32 @@ def _port_free(port: int) -> bool:
 
 
 class Broker:
-    """The broker COMMAND uses: a running one, or one started here (``process`` set)."""
+    """The broker COMMAND uses: a running one, or one started here (``process`` and ``audit`` set).
 
-    def __init__(self, host: str, port: int, socket_path: Optional[str], process: Any = None) -> None:
+    ``audit_offset`` is where this run's lines start in the audit file (``--audit`` appends).
+    """
+
+    def __init__(self, host: str, port: int, socket_path: Optional[str], process: Any = None,
+                 audit: Optional[str] = None, audit_offset: int = 0) -> None:
         self.host = host
         self.port = port
         self.socket_path = socket_path
         self.process = process
+        self.audit = audit
+        self.audit_offset = audit_offset
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
 
 
-def start_broker(port: int, allow: List[str], policy: Optional[str], audit: Optional[str],
-                 unix: Optional[str]) -> Broker:
-    """The reference broker as a subprocess, shim off, on ``port`` if free else on a free port."""
+def start_broker(port: int, allow: List[str], policy: Optional[str], audit: str, unix: Optional[str],
+                 log: str) -> Broker:
+    """The reference broker as a subprocess, shim off, on ``port`` if free else on a free port.
+
+    Its audit goes to ``audit``, its stderr to the file ``log``: nothing of it reaches the terminal
+    unless it fails to start, and then its own last words are the message.
+    """
     try:
         from .broker.runner import BrokerProcess
     except ImportError as exc:
@@ -125,25 +215,28 @@ def start_broker(port: int, allow: List[str], policy: Optional[str], audit: Opti
         args += ["--allow", item]
     if policy:
         args += ["--policy", policy]
-    if audit:
-        args += ["--audit", audit]
+    args += ["--audit", audit]
     if unix:
         args += ["--unix", unix]
     env = dict(os.environ)
     env["AGENSHIELD_ENABLED"] = "false"
+    offset = os.path.getsize(audit) if os.path.isfile(audit) else 0
     try:
-        process = BrokerProcess(args, env=env, stderr=_stderr_fd())
+        with open(log, "ab") as log_file:
+            process = BrokerProcess(args, env=env, stderr=log_file)
     except (RuntimeError, OSError) as exc:
-        raise RunError("the reference broker did not start: %s" % exc) from None
-    return Broker("localhost", process.port, unix, process)
+        said = _last_line(log)
+        raise RunError("the reference broker did not start: %s" % (said or exc)) from None
+    return Broker("localhost", process.port, unix, process, audit, offset)
 
 
-def _stderr_fd() -> Any:
-    """The broker's stderr (its audit lines, unless --audit): ours, or nowhere when ours is no file."""
+def _last_line(path: str) -> str:
     try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return subprocess.DEVNULL
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def ensure_broker(args: argparse.Namespace, host: str, port: int, need_socket: bool, work: str) -> Broker:
@@ -166,7 +259,8 @@ def ensure_broker(args: argparse.Namespace, host: str, port: int, need_socket: b
         raise RunError("the configured broker at %s:%d does not answer (%s), and run starts brokers only on "
                        "loopback" % (host, port, why))
     unix = os.path.join(work, "broker.sock") if need_socket else None
-    broker = start_broker(port, args.allow, args.policy, args.audit, unix)
+    audit = args.audit or os.path.join(work, "audit.jsonl")
+    broker = start_broker(port, args.allow, args.policy, audit, unix, os.path.join(work, "broker.log"))
     where = "" if broker.port == port else " (port %d was busy)" % port
     _info("started the reference broker on localhost:%d%s for this command" % (broker.port, where))
     return broker
@@ -310,12 +404,81 @@ def _info(text: str) -> None:
     print("%s: %s" % (PROG, text), file=sys.stderr, flush=True)
 
 
+def refusal_lines(broker: Broker, user_audit: Optional[str], default_policy: bool = False) -> List[str]:
+    """One sentence per destination the started broker refused: its reason and the ``--allow`` for it.
+
+    ``default_policy``: the broker ran without --policy/--allow (loopback only), which the
+    sentence says, since a newcomer does not know that default.
+    """
+    if broker.audit is None:
+        return []
+    from .audit_report import reason_of, split_target
+
+    try:
+        with open(broker.audit, "rb") as handle:
+            handle.seek(broker.audit_offset)
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    refused: Dict[str, Tuple[Optional[str], Optional[str], int]] = {}
+    loopback: List[str] = []  # hosts the loopback default let through: --allow would shut them out
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("target"), str):
+            continue
+        policy_id = entry.get("policyId")
+        host, port = split_target(entry["target"])
+        if entry.get("allowed") is not False:
+            if policy_id == "default-loopback" and host is not None and host not in loopback:
+                loopback.append(host)
+            continue
+        if host is None:
+            continue
+        spec = ("[%s]" % host if ":" in host else host) + ("" if port is None else ":%d" % port)
+        reason, rule, count = refused.get(spec, (None, None, 0))
+        refused[spec] = (reason or reason_of(entry), rule or (policy_id if isinstance(policy_id, str) else None),
+                         count + 1)
+    lines = []
+    allowable = []
+    for spec, (reason, rule, count) in refused.items():
+        if rule is None:
+            allowable.append(spec)
+        if len(lines) == SHOWN_REFUSALS:
+            continue
+        times = "" if count == 1 else " (%d times)" % count
+        if rule is not None:
+            lines.append("the broker refused %s%s by deny rule '%s' of the policy: %s; --allow cannot override a "
+                         "deny rule: change the policy" % (spec, times, rule, reason or "no reason given"))
+        else:
+            why = reason or "not allowed by the policy"
+            if default_policy:
+                why += " (the default policy allows loopback only)"
+            lines.append("the broker refused %s%s: %s" % (spec, times, why))
+    if len(refused) > SHOWN_REFUSALS:
+        where = ("agenshield-shim audit %s" % shlex.quote(user_audit)) if user_audit else \
+            "run with --audit FILE, then: agenshield-shim audit FILE"
+        lines.append("and %d more destinations; to see them all: %s" % (len(refused) - SHOWN_REFUSALS, where))
+    if allowable:
+        flags = " ".join("--allow %s" % shlex.quote(spec) for spec in allowable)
+        if default_policy:  # --allow replaces the loopback default: keep what COMMAND reached through it
+            flags += "".join(" --allow %s" % shlex.quote("[%s]" % h if ":" in h else h) for h in loopback)
+        lines.append("to let %s through, run again with %s" % ("it" if len(allowable) == 1 else "them", flags))
+    return lines
+
+
 def cli_run(argv: List[str]) -> int:
     args = parse_args(argv)
     try:
         host, port = configured_broker()
     except ShimConfigError as exc:
-        print("%s: %s" % (PROG, exc), file=sys.stderr)
+        print("%s: %s; fix or unset it" % (PROG, exc), file=sys.stderr)
+        return 2
+    problem = environment_problem({k: v for k, v in os.environ.items() if k != "AGENSHIELD_ENABLED"})
+    if problem:
+        print("%s: %s" % (PROG, problem), file=sys.stderr)
         return 2
     broker: Optional[Broker] = None
     with tempfile.TemporaryDirectory(prefix="agenshield-run-") as work:
@@ -333,3 +496,5 @@ def cli_run(argv: List[str]) -> int:
         finally:
             if broker is not None:
                 broker.stop()
+                for line in refusal_lines(broker, args.audit, not (args.policy or args.allow)):
+                    _info(line)

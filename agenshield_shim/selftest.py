@@ -899,11 +899,15 @@ def _start_broker(shim: ShimState, why: str, note: Callable[[str], None]) -> Tup
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; ``argv`` is given by ``agenshield-shim selftest``, None under ``python -m``."""
     parser = argparse.ArgumentParser(
-        prog="python -m agenshield_shim.selftest",
-        description="Check that this interpreter is guarded by agenshield-shim and routed through the broker.",
+        prog="agenshield-shim selftest" if argv is not None else "python -m agenshield_shim.selftest",
+        description="Check that this interpreter is guarded by agenshield-shim and routed through the broker: "
+                    "the shim is active; TCP, UDP, DNS and _socket are refused; each installed HTTP library is "
+                    "routed end to end; the broker (AGENSHIELD_BROKER_HOST/_PORT, default localhost:6969) answers, "
+                    "or a reference broker is started for the checks. Exit status 0 only if all pass.",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines (default: lines)")
     parser.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)  # agenshield-shim verify
     parser.add_argument("--broker-host", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--broker-port", type=int, default=None, help=argparse.SUPPRESS)

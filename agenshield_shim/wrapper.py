@@ -18,7 +18,6 @@ profile), so running it depends on nothing in ``PATH``. Every word is quoted wit
 :func:`shlex.quote`. The second line is a marker; ``restore`` removes only files that carry it.
 """
 
-import argparse
 import os
 import re
 import shlex
@@ -29,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from ._boot import NO_PROXY_VARIABLES, PROXY_VARIABLES, format_destination, proxy_environment
+from .cli_args import Parser, check_directory, first_problem, port as _port_type
 from ._config import (
     DEFAULT_BROKER_HOST,
     DEFAULT_BROKER_PORT,
@@ -115,7 +115,7 @@ def _parse_env(items: Sequence[str]) -> Dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not _NAME.match(name):
-            raise WrapperError("--env %r: write NAME=VALUE with NAME a shell variable name" % item)
+            raise WrapperError("--env %r: write NAME=VALUE with NAME a shell variable name (e.g. --env HOME=/tmp)" % item)
         env[name] = value
     return env
 
@@ -144,9 +144,18 @@ def generate_python_wrapper(
     python = os.path.abspath(python)
     out = os.path.abspath(out)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        raise WrapperError("%s is not an executable file" % python)
+        raise WrapperError("--python %s: not an executable file; give the path of a Python interpreter "
+                           "(e.g. venv/bin/python)" % python)
     if os.path.realpath(out) == os.path.realpath(python):
         raise WrapperError("--out %s is the interpreter itself; the wrapper would run itself" % out)
+    out_dir = os.path.dirname(out)
+    if not os.path.isdir(out_dir):
+        raise WrapperError("--out %s: directory %s does not exist; create it first or choose another path"
+                           % (out, out_dir))
+    if os.path.isdir(out):
+        raise WrapperError("--out %s: is a directory; give the path of the script to write" % out)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise WrapperError("--out %s: directory %s is not writable; choose another path" % (out, out_dir))
     if os.path.lexists(out) and not is_wrapper(out):
         raise WrapperError("%s exists and is not a wrapper written by agenshield-shim; refusing to replace it" % out)
     if isinstance(broker_port, bool) or not isinstance(broker_port, int) or not 0 < broker_port < 65536:
@@ -218,9 +227,12 @@ def generate_python_wrapper(
     lines.append("exec " + " ".join(shlex.quote(w) for w in exec_words) + ' "$@"')
     text = "\n".join(lines) + "\n"
 
-    if profile_text is not None:
-        _write_atomic(profile_path(out), profile_text, 0o644)
-    _write_atomic(out, text, 0o755)
+    try:
+        if profile_text is not None:
+            _write_atomic(profile_path(out), profile_text, 0o644)
+        _write_atomic(out, text, 0o755)
+    except OSError as exc:
+        raise WrapperError("--out %s: cannot write it: %s; choose another path" % (out, exc.strerror or exc)) from None
     return text
 
 
@@ -252,7 +264,7 @@ def restore_wrapper(out: str) -> List[str]:
     """
     out = os.path.abspath(out)
     if not os.path.lexists(out):
-        raise WrapperError("%s does not exist" % out)
+        raise WrapperError("--out %s: no such file; give the path of a wrapper written by agenshield-shim wrapper" % out)
     if os.path.islink(out) or not is_wrapper(out):
         raise WrapperError("%s was not written by agenshield-shim wrapper; leaving it alone" % out)
     removed = []
@@ -266,22 +278,36 @@ def restore_wrapper(out: str) -> List[str]:
 
 
 def cli_wrapper(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim wrapper",
         description="Write a wrapper script that runs PYTHON with the broker configured, in an OS sandbox.",
     )
     parser.add_argument("--python", required=True, metavar="PATH", help="the interpreter to wrap")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the wrapper")
-    parser.add_argument("--sandbox", choices=SANDBOXES, default="auto")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment (repeatable)")
-    parser.add_argument("--broker-host", metavar="H", help="default localhost (127.0.0.1 under seatbelt)")
-    parser.add_argument("--broker-port", type=int, default=DEFAULT_BROKER_PORT, metavar="P")
-    parser.add_argument("--broker-socket", metavar="PATH", help="the broker's Unix socket (needed for netns)")
-    parser.add_argument("--netns-backend", choices=netns.BACKENDS, help="force bubblewrap or unshare")
-    parser.add_argument("--workspace", metavar="DIR", help="seatbelt: read-write directory (default: current)")
-    parser.add_argument("--allow-read", action="append", default=[], metavar="DIR", help="seatbelt: extra readable directory")
-    parser.add_argument("--allow-write", action="append", default=[], metavar="DIR", help="seatbelt: extra writable directory")
+    parser.add_argument("--sandbox", choices=SANDBOXES, default="auto",
+                        help="auto: seatbelt on macOS, netns on Linux with --broker-socket, else none; none: the "
+                             "in-process guard only")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="extra environment variable the wrapper exports (repeatable; default: none)")
+    parser.add_argument("--broker-host", metavar="H", help="the broker's host (default: localhost; 127.0.0.1 under seatbelt)")
+    parser.add_argument("--broker-port", type=_port_type, default=DEFAULT_BROKER_PORT, metavar="P",
+                        help="the broker's TCP port")
+    parser.add_argument("--broker-socket", metavar="PATH",
+                        help="the broker's Unix socket, needed for netns (default: none)")
+    parser.add_argument("--netns-backend", choices=netns.BACKENDS,
+                        help="force bubblewrap or unshare (default: bwrap if it works here, else unshare)")
+    parser.add_argument("--workspace", metavar="DIR", help="seatbelt: read-write directory (default: the current one)")
+    parser.add_argument("--allow-read", action="append", default=[], metavar="DIR",
+                        help="seatbelt: extra readable directory (repeatable; default: none)")
+    parser.add_argument("--allow-write", action="append", default=[], metavar="DIR",
+                        help="seatbelt: extra writable directory (repeatable; default: none)")
     args = parser.parse_args(argv)
+    problem = first_problem(check_directory("--workspace", args.workspace),
+                            *(check_directory("--allow-read", d) for d in args.allow_read),
+                            *(check_directory("--allow-write", d) for d in args.allow_write))
+    if problem:
+        sys.stderr.write("agenshield-shim wrapper: %s\n" % problem)
+        return 2
     try:
         text = generate_python_wrapper(
             args.python, args.out, args.sandbox, _parse_env(args.env), args.broker_host, args.broker_port,
@@ -296,7 +322,7 @@ def cli_wrapper(argv: List[str]) -> int:
 
 
 def cli_restore(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agenshield-shim restore",
         description="Remove a wrapper script written by 'agenshield-shim wrapper' (and its seatbelt profile).",
     )

@@ -112,8 +112,11 @@ def test_lying_objects_are_never_called() -> None:
     for address in [(Host("example.com"), 6969), ("example.com", Port(80)), Address(("example.com", 80))]:
         with pytest.raises(NetworkBlockedError):
             connect(hook, address)
-    # a real subclass holding the broker's value is accepted, by its value, without calling it
-    connect(hook, (Host("localhost"), Port(6969)))
+    # a real str subclass holding the broker's value is refused too, without calling it: the socket
+    # C code converts a str subclass with the idna codec, so the kernel would get the codec's answer
+    with pytest.raises(NetworkBlockedError):
+        connect(hook, (Host("localhost"), Port(6969)))
+    connect(hook, ("localhost", Port(6969)))  # a real int subclass is read by its value
     assert calls == []
 
 
@@ -129,12 +132,19 @@ def test_port_objects_that_are_not_ints_are_refused() -> None:
 
 def test_dns_rules() -> None:
     hook, _ = make({"AGENSHIELD_ALLOW": "db.internal:5432"})
-    for args in [("localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), ("93.184.216.34", 80, 0, 0, 0), ("db.internal", 5432, 0, 0, 0)]:
+    for args in [(b"localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), (b"93.184.216.34", 80, 0, 0, 0), (b"db.internal", 5432, 0, 0, 0)]:
         hook("socket.getaddrinfo", args)
-    hook("socket.gethostbyname", ("localhost",))
-    hook("socket.gethostbyaddr", ("127.0.0.1",))
-    hook("socket.getnameinfo", (("127.0.0.1", 80),))
+    hook("socket.gethostbyname", (b"localhost",))
+    hook("socket.gethostbyaddr", (b"127.0.0.1",))
+    hook("socket.getnameinfo", (("127.0.0.1", 80),))  # read as UTF-8 in C, no codec: a str is fine
+    # the same as str: C would convert them with the idna codec, which the guard cannot check
+    for event, args in [("socket.getaddrinfo", ("localhost", 6969, 0, 0, 0)), ("socket.getaddrinfo", ("93.184.216.34", 80, 0, 0, 0)),
+                        ("socket.gethostbyname", ("localhost",)), ("socket.gethostbyaddr", ("127.0.0.1",))]:
+        with pytest.raises(NetworkBlockedError, match="idna codec"):
+            hook(event, args)
     for event, args in [
+        ("socket.gethostbyaddr", (b"127.0.0.2",)),  # a PTR query for 127.x.y.z carries 24 bits out
+        ("socket.getnameinfo", (("127.0.0.2", 80),)),
         ("socket.getaddrinfo", ("example.com", 443, 0, 0, 0)),
         ("socket.getaddrinfo", (b"example.com", b"https", 0, 0, 0)),
         ("socket.gethostbyname", ("example.com",)),
@@ -243,3 +253,49 @@ def test_canonical_form_never_claims_loopback_for_something_else(text: str) -> N
             assert text.lower().rstrip(".") == "localhost" or text.lower() == "[localhost]"
         else:
             assert ipaddress.ip_address(text.strip("[]")).is_loopback
+
+
+def test_bind_takes_literals_and_allowed_names_only() -> None:
+    hook, _ = make()
+    for host in ["", "0.0.0.0", "::", "127.0.0.2", b"10.1.2.3", "localhost"]:
+        hook("socket.bind", (object(), (host, 0)))
+    for host in ["example.com", b"exfil.example", type("Host", (str,), {})("127.0.0.1"), bytearray(b"127.0.0.1")]:
+        with pytest.raises(NetworkBlockedError, match="binding a socket"):
+            hook("socket.bind", (object(), (host, 0)))
+    hook("socket.bind", (object(), "/tmp/unix.sock"))
+
+
+def test_modules_that_start_subinterpreters_are_refused() -> None:
+    hook, _ = make()
+    hook("import", ("json", None, [], [], []))
+    for name in ["_testcapi", "_xxsubinterpreters", "_interpreters", "evil._testcapi", type("N", (str,), {})("_testinternalcapi")]:
+        with pytest.raises(ImportError, match="subinterpreters"):
+            hook("import", (name, None, [], [], []))
+    with pytest.raises(PermissionError, match="subinterpreters"):
+        hook("cpython.PyInterpreterState_New", ())
+
+
+def test_a_locked_guard_checks_the_environment_of_children() -> None:
+    policy = _boot.policy_for("localhost", 6969)
+    inherited = frozenset({("PYTHONPATH", "/opt/app"), ("AGENSHIELD_LOG_LEVEL", "error")})
+    hook = _boot.seal(_boot.make_hook(policy, lambda *a: None, True, inherited))
+    fine = [None, {"FOO": "1"}, {"PYTHONPATH": "/opt/app", "AGENSHIELD_LOG_LEVEL": "error"},
+            {b"PYTHONWARNINGS": b"ignore::DeprecationWarning,error::UserWarning"}]
+    for env in fine:
+        hook("subprocess.Popen", ("python", ["python"], None, env))
+        hook("os.exec", ("python", ["python"], env))
+    weak = [{"PYTHONPATH": "/tmp/x"}, {"AGENSHIELD_LOG_LEVEL": "debug"}, {"AGENSHIELD_ENABLED": "false"},
+            {"PYTHONWARNINGS": "ignore::evil.W"}, {b"PYTHONPYCACHEPREFIX": b"/tmp/c"}, {"PYTHONHOME": "/"}]
+    for env in weak:
+        with pytest.raises(PermissionError, match="--lock"):
+            hook("os.posix_spawn", ("python", ["python"], env))
+    for env in [type("D", (dict,), {})(FOO="1"), {"FOO": 1}, [("FOO", "1")]]:  # read again, they could answer otherwise
+        with pytest.raises(PermissionError, match="cannot be checked"):
+            hook("subprocess.Popen", ("python", ["python"], None, env))
+    hook("os.putenv", (b"FOO", b"1"))
+    with pytest.raises(PermissionError, match="--lock"):
+        hook("os.putenv", (b"PYTHONPATH", b"/tmp/x"))
+    # unlocked, children are not checked (the README says what that leaves open)
+    unlocked, _ = make()
+    unlocked("subprocess.Popen", ("python", ["python"], None, {"PYTHONPATH": "/tmp/x"}))
+    unlocked("os.putenv", (b"PYTHONPATH", b"/tmp/x"))

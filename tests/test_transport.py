@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -184,57 +184,63 @@ def test_one_probe_for_many_threads_and_tasks(daemon: Daemon) -> None:
     assert len(pings(daemon, mark, 1)) == 1
 
 
-def test_odd_ping_is_no_extensions_not_no_routing() -> None:
-    """A broker whose ping fails (the daemon 0.7.2 without params answers -32603) still routes by rpc."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    seen: List[bytes] = []
+class Impostor:
+    """A loopback server that answers each connection's first bytes with ``answer(data)``."""
 
-    def serve() -> None:
+    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.seen: List[bytes] = []
+        self.answer = answer
+        self.config = auto(broker_host="127.0.0.1", broker_port=self.server.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = server.accept()
+                conn, _ = self.server.accept()
             except OSError:
                 return
             with conn:
                 data = conn.recv(65536)
-                seen.append(data)
-                if data.startswith(b"CONNECT"):
-                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 21\r\n\r\n{\"error\":\"Not found\"}")
-                else:
-                    body = json.dumps({"jsonrpc": "2.0", "id": 0, "error": {"code": -32603, "message": "Internal error"}})
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+                self.seen.append(data)
+                conn.sendall(self.answer(data))
 
-    threading.Thread(target=serve, daemon=True).start()
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_odd_ping_is_no_extensions_not_no_routing() -> None:
+    """A broker whose ping fails (the daemon 0.7.2 without params answers -32603) still routes by rpc."""
+    def answer(data: bytes) -> bytes:
+        if data.startswith(b"CONNECT"):
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 21\r\n\r\n{\"error\":\"Not found\"}"
+        body = json.dumps({"jsonrpc": "2.0", "id": 0, "error": {"code": -32603, "message": "Internal error"}})
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+
+    impostor = Impostor(answer)
     try:
-        config = auto(broker_host="127.0.0.1", broker_port=server.getsockname()[1])
-        assert _transport.choose(config) == "rpc"
-        assert _rpc.capabilities(config).extensions == frozenset()
-        assert b'"params":{}' in seen[0]
+        assert _transport.choose(impostor.config) == "rpc"
+        assert "answered CONNECT with 404" in _transport.chosen(impostor.config).reason  # type: ignore[union-attr]
+        assert _rpc.capabilities(impostor.config).extensions == frozenset()
+        assert b'"params":{}' in impostor.seen[0]
     finally:
-        server.close()
+        impostor.close()
 
 
 def test_garbage_answers_decide_nothing() -> None:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
+    impostor = Impostor(lambda data: b"SSH-2.0-OpenSSH_9.6\r\n")
     try:
-        config = auto(broker_host="127.0.0.1", broker_port=server.getsockname()[1])
-        assert _transport.choose(config) == "tunnel"
-        assert _transport.chosen(config) is None
+        assert _transport.choose(impostor.config) == "tunnel"
+        assert _transport.chosen(impostor.config) is None
     finally:
-        server.close()
+        impostor.close()
+
+
+def test_unix_socket_broker_down_goes_the_way_that_names_the_socket(tmp_path: Path) -> None:
+    config = auto(broker_host="127.0.0.1", broker_port=free_port(), broker_socket=str(tmp_path / "none.sock"))
+    assert _transport.choose(config, 1.0) == "rpc"
+    assert _transport.chosen(config) is None
+    with pytest.raises(_rpc.RpcBrokerUnavailable, match="unix:%s" % (tmp_path / "none.sock")):
+        _rpc.http_request(config, "GET", "http://127.0.0.1:9/")

@@ -32,13 +32,24 @@ HEADER = """\
 
 #: Runs in ``except BaseException as e`` of BOOT: one refuse-the-network hook per interpreter,
 #: then ``sitedir`` off ``sys.path`` again if the import failed (``b`` unbound) after BOOT put it first.
+#: Written like the guard, for an attacker in the same interpreter: everything it uses is a default
+#: argument (no global or builtin read at call time), types are compared by identity (a metaclass
+#: can make ``==`` lie), names are copied through ``str.__str__`` first, changing the hook's own
+#: attributes (``__code__``, ``__defaults__``) is refused, and it is registered as its ``__call__``
+#: method-wrapper, where no ``__cantrace__`` can be planted. It refuses every socket but Unix ones
+#: at creation, every address that is not a Unix path, every name lookup, and subinterpreters.
 FAILSAFE = """\
 if not hasattr(sys, "_agenshield_failsafe"):
  sys._agenshield_failsafe = m = "agenshield-shim failed to start (%s: %s)" % (type(e).__name__, e)
- def h(v, a, m="AgenShield: network blocked: " + m, t=type, u=(str, bytes, type(None))):
-  if v[:7] == "socket." and (v[7:] in ("connect", "sendto", "sendmsg") and t(a[1]) not in u or v[7:] in ("getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo") and a[0] is not None):
-   raise ConnectionRefusedError(m)
- sys.addaudithook(h)
+ def h(v, a, m="AgenShield: network blocked: " + m, t=type, S=str, B=bytes, c=str.__str__, p=str.rpartition, r=ConnectionRefusedError, s=None):
+  if v[:7] == "socket.":
+   w = v[7:]
+   if w == "__new__" and a[1] != 1 and a[1] != -1 or w in ("connect", "sendto", "sendmsg", "bind") and t(a[1]) is not S and t(a[1]) is not B or w in ("getaddrinfo", "gethostbyname", "gethostbyaddr", "getnameinfo") and a[0] is not None:
+    raise r(m)
+  elif v in ("object.__setattr__", "object.__delattr__") and a[0] is s or v == "cpython.PyInterpreterState_New" or v == "import" and p(c(a[0]), ".")[2] in ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters"):
+   raise r(m)
+ h.__defaults__ = h.__defaults__[:-1] + (h,)
+ sys.addaudithook(h.__call__)
  sys.stderr.write("agenshield-shim: %s; all network access is blocked. Reinstall agenshield-shim, or set AGENSHIELD_ENABLED=false to run without it.\\n" % m[16:])
 "b" in locals() or "sitedir" not in locals() or sys.path.remove(sitedir)
 """

@@ -62,6 +62,13 @@ class BrokerConfig:
     head_timeout: float = 10.0
     #: An idle keep-alive client connection is closed after this long without a new request.
     keepalive_timeout: float = 60.0
+    #: A ``/rpc`` or local-route request body (and a socket JSON-RPC line) must be complete this
+    #: long after it started: 408 (a line: closed) otherwise.
+    body_timeout: float = 30.0
+    #: Client connections served at once; more wait in the listen backlog (back-pressure) instead
+    #: of running the process out of file descriptors. ``None``: from the descriptor limit
+    #: (a quarter of it, each connection may hold an upstream too, and at least 8).
+    max_connections: Optional[int] = None
     #: Largest request head (request line and headers): 431 above it.
     max_head_size: int = 64 * 1024
     #: Largest ``/rpc`` (and ``/api/proxy``) request body: 413 above it.

@@ -5,16 +5,22 @@ module rather than on the server (no import cycles, and each handler can be read
 """
 
 import asyncio
+import dataclasses
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Set, Tuple
 
-from .audit import AuditLog
+from ..addr import canonical_ip
+from .audit import AuditError, AuditLog
 from .config import BrokerConfig
 from .http1 import Stream, abort
-from .policy import Decision, Policy
-from .upstream import Resolver
+from .policy import Decision, Policy, Target
+from .upstream import Permit, Resolver
+
+
+#: What a client is told when its decision is refused because the audit log cannot be written.
+AUDIT_TEXT = "Refused: the broker's audit log cannot be written"
 
 
 @dataclass
@@ -41,6 +47,32 @@ class Services:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def audit_blocked(self, conn: "Conn", operation: str, target: str, started: float, **metadata: Any) -> bool:
+        """While the audit log is failing, refuse what would be allowed before any upstream is
+        contacted (``True``). The refusal is audited if it can be: that write is also the probe
+        that ends the failing state, so the next decision is served again."""
+        if not self.audit.failing:
+            return False
+        self.count("audit_refusals")
+        self.audit_decision(conn, operation, Decision(False, None, AUDIT_TEXT), target, "denied", started, **metadata)
+        return True
+
+    def permit(self, target: Target, check_port: bool = True) -> Optional[Permit]:
+        """For a name: the check each of its resolved addresses must pass (no deny rule matches it
+        with the request's port, scheme, method and path). ``None`` for an address: the decision
+        was already made on it."""
+        host = target.host
+        if ":" in host or (host[-1:].isdigit() and canonical_ip(host) is not None):
+            return None  # an address (a name may start or end with a digit: "9gag.com", "host2")
+
+        def check(ip: str) -> Optional[str]:
+            refusal = self.policy.deny_for(dataclasses.replace(target, host=ip), check_port)
+            if refusal is None:
+                return None
+            return "Host '%s' resolves to %s: %s" % (target.host, ip, refusal.reason)
+
+        return check
+
     def audit_decision(
         self,
         conn: "Conn",
@@ -51,15 +83,23 @@ class Services:
         started: float,
         **metadata: Any,
     ) -> None:
+        """One audit line; for ``result == "success"`` an unwritable log raises :class:`AuditError`
+        and the caller refuses (refusals and errors are refused anyway: never raises for them)."""
         meta = {k: v for k, v in metadata.items() if v is not None}
         if decision.reason and "reason" not in meta:
             meta["reason"] = decision.reason
         if conn.peer:
             meta.setdefault("peer", conn.peer)
-        self.audit.record(
-            operation, conn.channel, decision.allowed, decision.policy_id, target, result,
-            (time.monotonic() - started) * 1000.0, meta,
-        )
+        try:
+            self.audit.record(
+                operation, conn.channel, decision.allowed, decision.policy_id, target, result,
+                (time.monotonic() - started) * 1000.0, meta,
+            )
+        except AuditError:
+            self.count("audit_failures")
+            if result == "success":
+                raise  # fail closed: what cannot be recorded is not served
+            # a refusal or a failure is not served anyway; stderr has said the log is failing
 
 
 @dataclass

@@ -17,26 +17,31 @@ A ``101 Switching Protocols`` answer (WebSocket over plain HTTP) turns the excha
 
 import asyncio
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-from .context import Conn, Services
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
 from .http1 import (
     Headers, HttpError, IdleTimer, Sink, ProtocolError, RequestHead, ResponseHead, Stream, copy_chunked,
     abort, copy_length, copy_until_eof, header_tokens, parse_response_head, render_response,
     request_framing, response_framing, writer_sink,
 )
-from .policy import Target, normalize_host
+from ..addr import Host, canonical_host, canonical_ip
+from .policy import Decision, Target
 from .tunnel import pipe
-from .upstream import NETWORK, UpstreamError, open_upstream
+from .upstream import DENIED, NETWORK, Permit, UpstreamError, open_upstream
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade"}
 _DEFAULT_PORT = {"http": 80, "https": 443}
 MAX_RESPONSE_HEAD = 256 * 1024
 
 
-def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
-    """(scheme, host, port, authority, origin-form) of an absolute URI; 400 when unusable."""
+def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
+    """(scheme, canonical host, port, authority, origin-form) of an absolute URI; 400 when unusable.
+
+    The authority (the upstream's ``Host``) is rebuilt from the canonical host, so the upstream,
+    the policy and the socket all see one spelling."""
     try:
         parts = urlsplit(target)
         port = parts.port
@@ -47,9 +52,14 @@ def split_absolute(target: str) -> Tuple[str, str, int, str, str]:
         scheme = "http" if scheme == "ws" else "https"
     if scheme not in _DEFAULT_PORT or not parts.hostname:
         raise HttpError(400, "only http and https URLs can be forwarded")
-    host = parts.hostname
+    if not parts.hostname.isascii():  # a request target is ASCII (RFC 3986); no IDNA guesswork here
+        raise HttpError(400, "non-ASCII host in request target")
+    try:
+        host = canonical_host(parts.hostname)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
     port = port or _DEFAULT_PORT[scheme]
-    shown = "[%s]" % host if ":" in host else host
+    shown = host.authority_host
     authority = shown if port == _DEFAULT_PORT[scheme] else "%s:%d" % (shown, port)
     origin = parts.path or "/"
     if parts.query:
@@ -97,15 +107,28 @@ def _client_head(resp: ResponseHead, close: bool, upgrade: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int]) -> Tuple[Stream, bool]:
-    """The kept upstream for ``key`` if alive (second item ``True``), else a new connection."""
-    if conn.upstream_key == key and conn.upstream is not None and not conn.upstream.reader.at_eof() \
-            and not conn.upstream.writer.is_closing():
+def _clean(up: Stream) -> bool:
+    """A kept upstream may be reused only if it is open and holds no byte we did not ask for: an
+    early or extra response would be taken for the answer to the next request."""
+    if up.buf or up.reader.at_eof() or up.writer.is_closing():
+        return False
+    return not getattr(up.reader, "_buffer", b"")  # CPython's StreamReader read-ahead (3.8-3.13)
+
+
+async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int], host: Host,
+                   permit: Optional[Permit]) -> Tuple[Stream, bool]:
+    """The kept upstream for ``key`` if alive and clean (second item ``True``), else a new connection."""
+    if conn.upstream_key == key and conn.upstream is not None and _clean(conn.upstream):
+        peer = conn.upstream.writer.get_extra_info("peername")
+        why = permit(str(canonical_ip(str(peer[0])))) if permit is not None and peer else None
+        if why is not None:  # this request's method or path meets a deny rule for that address
+            raise UpstreamError(DENIED, why)
         return conn.upstream, True
     conn.drop_upstream(services)
-    scheme, host, port = key
+    scheme, _text, port = key
     ctx = services.ssl_context if scheme == "https" else None
-    r, w = await open_upstream(host, port, services.config.connect_timeout, ctx, resolver=services.resolver)
+    r, w = await open_upstream(host, port, services.config.connect_timeout, ctx, resolver=services.resolver,
+                               permit=permit)
     services.upstreams.add(w)
     conn.upstream, conn.upstream_key = Stream(r, w), key
     return conn.upstream, False
@@ -117,7 +140,7 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
     client = conn.stream
     cw = client.writer
     scheme, host, port, authority, origin = split_absolute(head.target)
-    target = Target(host=normalize_host(host), port=port, scheme=scheme, method=head.method, path=origin)
+    target = Target(host=host.text, port=port, scheme=scheme, method=head.method, path=origin)
     decision = services.policy.check(target)
     shown = head.target if len(head.target) <= 2048 else head.target[:2048] + "..."
     if not decision.allowed:
@@ -128,23 +151,58 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         return False
     framing = request_framing(head.headers)
     upgrade = "upgrade" in header_tokens(head.headers, "connection") and head.get("upgrade") is not None
-    key = (scheme, normalize_host(host), port)
+    key = (scheme, host.text, port)
+    permit = services.permit(target)
     up_head = _upstream_head(head, origin, authority, upgrade)
+    if services.audit_blocked(conn, "forward", shown, started, method=head.method):
+        cw.write(_refusal(services, 503, AUDIT_TEXT, "audit-failed"))
+        await cw.drain()
+        return False
+
+    def record(status: int) -> None:
+        """The decision's line, written before the client sees the response (fail closed)."""
+        services.audit_decision(conn, "forward", decision, shown, "success", started,
+                                method=head.method, status=status)
 
     for attempt in (0, 1):
         try:
-            up, reused = await _connect(services, conn, key)
+            up, reused = await _connect(services, conn, key, host, permit)
         except UpstreamError as exc:
+            if exc.kind == DENIED:
+                services.count("forward_denied")
+                services.audit_decision(conn, "forward", Decision(False, None, exc.message), shown, "denied",
+                                        started, method=head.method)
+                cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy", exc.message))
+                await cw.drain()
+                return False
             services.count("forward_failed")
             services.audit_decision(conn, "forward", decision, shown, "error", started,
                                     method=head.method, error=exc.kind, message=exc.message)
             cw.write(_refusal(services, 502, "Proxy error", exc.kind))
             await cw.drain()
             return False
-        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0)
+        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0, record)
         if result == "retry":
             conn.drop_upstream(services)
             continue
+        if isinstance(result, AuditError):
+            cw.write(_refusal(services, 503, AUDIT_TEXT, "audit-failed"))
+            try:
+                await cw.drain()
+            except ConnectionError:
+                pass
+            return False
+        if isinstance(result, HttpError):
+            services.count("bad_requests_%d" % result.status)
+            services.audit_decision(conn, "forward", decision, shown, "error", started,
+                                    method=head.method, error="bad-request-body", message=result.message)
+            cw.write(render_response(result.status, (result.message + "\n").encode("latin-1", "replace"),
+                                     [("Content-Type", "text/plain")], close=True))
+            try:
+                await cw.drain()
+            except ConnectionError:
+                pass
+            return False
         if isinstance(result, UpstreamError):
             conn.drop_upstream(services)
             services.count("forward_failed")
@@ -157,10 +215,8 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
                 pass
             return False
         assert isinstance(result, tuple)
-        status, keep = result
+        _status, keep = result
         services.count("forwards")
-        services.audit_decision(conn, "forward", decision, shown, "success", started,
-                                method=head.method, status=status)
         return keep
     return False  # pragma: no cover - the loop always returns
 
@@ -174,8 +230,10 @@ async def _exchange(
     framing: Tuple[str, int],
     upgrade: bool,
     may_retry: bool,
-) -> Union[Tuple[int, bool], str, UpstreamError]:
-    """One request/response on ``up``: ``(status, keep_client)``, ``"retry"`` or an UpstreamError."""
+    record: Callable[[int], None],
+) -> Union[Tuple[int, bool], str, UpstreamError, HttpError, AuditError]:
+    """One request/response on ``up``: ``(status, keep_client)``, ``"retry"``, an UpstreamError, or
+    an HttpError when the client's request body was malformed."""
     client = conn.stream
     cw, uw = client.writer, up.writer
     sent_head = False
@@ -200,7 +258,7 @@ async def _exchange(
         if framing[0] != "none":
             body_task = asyncio.ensure_future(_send_body(client, to_up, framing))
         while True:
-            raw = await up.read_response_head(MAX_RESPONSE_HEAD)
+            raw = await _response_head(up, body_task)
             touch()
             if raw is None:
                 if timer.fired:
@@ -210,6 +268,7 @@ async def _exchange(
                 return UpstreamError(NETWORK, "upstream closed without a response")
             resp = parse_response_head(raw)
             if resp.status == 101 and upgrade:
+                record(resp.status)
                 cw.write(_client_head(resp, close=False, upgrade=True))
                 sent_head = True
                 await cw.drain()
@@ -231,6 +290,7 @@ async def _exchange(
             and rframing[0] != "close"
             and body_done
         )
+        record(resp.status)
         cw.write(_client_head(resp, close=not keep_client, upgrade=False))
         sent_head = True
         kind, n = rframing
@@ -254,6 +314,14 @@ async def _exchange(
         if not keep_up:
             conn.drop_upstream(services)
         return resp.status, keep_client
+    except AuditError as exc:
+        conn.drop_upstream(services)
+        return exc
+    except _BodyFailed as failed:
+        conn.drop_upstream(services)  # at once: an aborted upload must not hold its upstream
+        if isinstance(failed.cause, ProtocolError) and not sent_head and not cw.is_closing():
+            return HttpError(400, "malformed request body: %s" % failed.cause)
+        return 0, False  # the client went away mid-body
     except (ConnectionError, ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
         conn.drop_upstream(services)
         if sent_head or cw.is_closing():
@@ -263,17 +331,61 @@ async def _exchange(
         return UpstreamError(NETWORK, "upstream failed: %s" % (exc,))
     finally:
         timer.cancel()
-        if body_task is not None and not body_task.done():
-            body_task.cancel()
-            await asyncio.gather(body_task, return_exceptions=True)
+        if body_task is not None:
+            if not body_task.done():
+                body_task.cancel()
+            await asyncio.gather(body_task, return_exceptions=True)  # its exception is retrieved here
+
+
+class _BodyFailed(Exception):
+    """The client's side of a forwarded request body failed: bad framing or the client left."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def _response_head(up: Stream, body_task: "Optional[asyncio.Future[None]]") -> Optional[bytes]:
+    """The upstream's response head, unless the request body fails first (then :class:`_BodyFailed`
+    at once, not after the upstream's or the idle timeout)."""
+    if body_task is None or body_task.done():
+        if body_task is not None and not body_task.cancelled() and body_task.exception() is not None:
+            raise _BodyFailed(body_task.exception())  # type: ignore[arg-type]
+        return await up.read_response_head(MAX_RESPONSE_HEAD)
+    head_task = asyncio.ensure_future(up.read_response_head(MAX_RESPONSE_HEAD))
+    try:
+        await asyncio.wait((head_task, body_task), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        head_task.cancel()
+        raise
+    if not head_task.done():
+        exc = body_task.exception() if not body_task.cancelled() else None
+        if exc is not None:
+            head_task.cancel()
+            await asyncio.gather(head_task, return_exceptions=True)
+            raise _BodyFailed(exc)
+    return await head_task
+
+
+class _UpstreamGone(Exception):
+    """Writing the body to the upstream failed: its response (or EOF) tells the rest."""
 
 
 async def _send_body(client: Stream, sink: Sink, framing: Tuple[str, int]) -> None:
+    async def to_up(data: bytes) -> None:
+        try:
+            await sink(data)
+        except (ConnectionError, OSError) as exc:
+            raise _UpstreamGone() from exc
+
     kind, n = framing
-    if kind == "length":
-        await copy_length(client, sink, n)
-    elif kind == "chunked":
-        await copy_chunked(client, sink)
+    try:
+        if kind == "length":
+            await copy_length(client, to_up, n)
+        elif kind == "chunked":
+            await copy_chunked(client, to_up)
+    except _UpstreamGone:
+        return
 
 
 __all__: List[str] = ["handle_forward", "split_absolute"]

@@ -21,10 +21,17 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 READ_SIZE = 256 * 1024
 MAX_LINE = 8 * 1024  # chunk-size lines and trailer lines
 
-_REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)$")
-_STATUS_LINE = re.compile(r"^HTTP/(\d)\.(\d) (\d{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?$")
+_REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])$")
+_STATUS_LINE = re.compile(r"^HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?$")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+#: A chunk-size line (RFC 9112 7.1): hex size, optional extensions, CRLF; nothing lenient (not
+#: even the grammar's optional whitespace around ``;`` and ``=``, which h11 and others refuse).
+_CHUNK_LINE = re.compile(rb"^([0-9a-fA-F]{1,16})((?:;[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+                         rb"(?:=(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*)\r\n$")
+#: A trailer field line: a header field, CRLF-terminated. A request line there is refused.
+_TRAILER_LINE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
@@ -67,7 +74,9 @@ def header_tokens(headers: Headers, name: str) -> List[str]:
     """Comma-separated tokens of every ``name`` header, lower-cased (``Connection: a, b``)."""
     out: List[str] = []
     for v in header_all(headers, name):
-        out.extend(t.strip().lower() for t in v.split(",") if t.strip())
+        # only SP and HTAB are HTTP whitespace: str.strip() would also eat "\xa0", and a
+        # "chunked\xa0" the broker read as chunked would reach the upstream as something else
+        out.extend(t.strip(" \t").lower() for t in v.split(",") if t.strip(" \t"))
     return out
 
 
@@ -117,11 +126,11 @@ def parse_request_head(data: bytes) -> RequestHead:
     lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.split("\r\n")
     m = _REQUEST_LINE.match(lines[0])
     if not m:
-        if re.match(r"^\S+ \S+ HTTP/\d+(\.\d+)?$", lines[0]):
+        if re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]+(\.[0-9]+)?$", lines[0]):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         raise HttpError(400, "malformed request line")
     major, minor = int(m.group(3)), int(m.group(4))
-    if major != 1:
+    if major != 1 or minor > 1:
         raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     if any("\r" in ln or "\n" in ln for ln in lines):
         raise HttpError(400, "bare CR or LF in head")
@@ -145,18 +154,20 @@ def request_framing(headers: Headers) -> Tuple[str, int]:
     """``("none", 0)``, ``("length", n)`` or ``("chunked", 0)`` for a request body; 400/501 if ambiguous."""
     te = header_tokens(headers, "transfer-encoding")
     cls = header_all(headers, "content-length")
-    if te:
+    if te or header_all(headers, "transfer-encoding"):
+        if any(not t.strip(" \t") for v in header_all(headers, "transfer-encoding") for t in v.split(",")):
+            raise HttpError(400, "empty element in Transfer-Encoding")  # strict, as h11: one reading only
         if cls:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
         if te != ["chunked"]:
             raise HttpError(501, "unsupported Transfer-Encoding")
         return "chunked", 0
     if cls:
-        values = {v.strip() for c in cls for v in c.split(",")}
+        values = {v.strip(" \t") for c in cls for v in c.split(",")}
         if len(values) != 1:
             raise HttpError(400, "conflicting Content-Length")
         v = values.pop()
-        if not v.isdigit() or len(v) > 18:
+        if not _DIGITS.match(v):  # ASCII digits: "²".isdigit() is true, and int("²") raises
             raise HttpError(400, "invalid Content-Length")
         n = int(v)
         return ("length", n) if n else ("none", 0)
@@ -172,8 +183,8 @@ def response_framing(head: ResponseHead, request_method: str) -> Tuple[str, int]
         return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
     cls = header_all(head.headers, "content-length")
     if cls:
-        values = {v.strip() for c in cls for v in c.split(",")}
-        if len(values) != 1 or not next(iter(values)).isdigit():
+        values = {v.strip(" \t") for c in cls for v in c.split(",")}
+        if len(values) != 1 or not _DIGITS.match(next(iter(values))):
             raise ProtocolError("invalid Content-Length from upstream")
         return "length", int(values.pop())
     return "close", 0
@@ -243,9 +254,12 @@ class Stream:
                 return None
         return self.buf[0]
 
-    async def read_line(self, limit: int, idle_timeout: float) -> Optional[bytes]:
+    async def read_line(self, limit: int, idle_timeout: float, line_timeout: Optional[float] = None) -> Optional[bytes]:
         """The next ``\\n``-terminated line without its terminator (newline-delimited JSON-RPC);
-        ``None`` on EOF or ``idle_timeout`` of silence; :class:`HttpError` 413 over ``limit`` bytes."""
+        ``None`` on EOF or ``idle_timeout`` of silence; :class:`HttpError` 413 over ``limit`` bytes,
+        408 when a started line is not complete ``line_timeout`` seconds after its first byte."""
+        loop = asyncio.get_running_loop()
+        deadline: Optional[float] = None
         start = 0
         while True:
             idx = self.buf.find(b"\n", start)
@@ -256,10 +270,19 @@ class Stream:
             if len(self.buf) > limit:
                 raise HttpError(413, "request line larger than %d bytes" % limit)
             start = len(self.buf)
+            wait = idle_timeout
+            if self.buf and line_timeout is not None:
+                if deadline is None:
+                    deadline = loop.time() + line_timeout
+                wait = deadline - loop.time()
+                if wait <= 0:
+                    raise HttpError(408, "request line not complete within %g s" % line_timeout)
             try:
-                if not await asyncio.wait_for(self._fill(), idle_timeout):
+                if not await asyncio.wait_for(self._fill(), wait):
                     return None
             except asyncio.TimeoutError:
+                if deadline is not None:
+                    raise HttpError(408, "request line not complete within %g s" % (line_timeout or 0)) from None
                 return None
 
     async def read_response_head(self, limit: int) -> Optional[bytes]:
@@ -335,14 +358,24 @@ async def copy_until_eof(src: Stream, sink: Sink) -> None:
 
 
 def _chunk_size(line: bytes) -> int:
-    text = line.split(b";", 1)[0].strip()
-    if not text or len(text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in text):
+    m = _CHUNK_LINE.match(line)
+    if m is None:
         raise ProtocolError("bad chunk size line")
-    return int(text, 16)
+    return int(m.group(1), 16)
+
+
+def _check_trailer(line: bytes) -> None:
+    if not _TRAILER_LINE.match(line):
+        raise ProtocolError("bad trailer line")
 
 
 async def copy_chunked(src: Stream, sink: Sink) -> None:
-    """Pass a chunked body through unchanged (sizes, extensions, trailers), knowing where it ends."""
+    """Pass a chunked body through unchanged (sizes, extensions, trailers), knowing where it ends.
+
+    Strict, because the bytes are forwarded as read: every line ends in CRLF, a trailer line must
+    be a header field, so the end of the body is where any HTTP/1.1 parser puts it (a lenient
+    reading here and a different one upstream is how a second request is smuggled in a trailer).
+    """
     while True:
         line = await src.readline()
         size = _chunk_size(line)
@@ -350,18 +383,33 @@ async def copy_chunked(src: Stream, sink: Sink) -> None:
         if size == 0:
             while True:
                 trailer = await src.readline()
-                await sink(trailer)
-                if trailer in (b"\r\n", b"\n"):
+                if trailer == b"\r\n":
+                    await sink(trailer)
                     return
+                _check_trailer(trailer)
+                await sink(trailer)
         await copy_length(src, sink, size)
         crlf = await src.readline()
-        if crlf not in (b"\r\n", b"\n"):
+        if crlf != b"\r\n":
             raise ProtocolError("missing CRLF after chunk")
         await sink(crlf)
 
 
-async def read_body(src: Stream, framing: Tuple[str, int], limit: int) -> bytes:
-    """A whole (small) body, for ``/rpc``: :class:`HttpError` 413 past ``limit``."""
+async def read_body(src: Stream, framing: Tuple[str, int], limit: int, timeout: Optional[float] = None) -> bytes:
+    """A whole (small) body, for ``/rpc``: :class:`HttpError` 413 past ``limit``, 408 when it is not
+    complete within ``timeout`` seconds (a stalled body must not hold a connection, and its file
+    descriptor, for ever)."""
+    try:
+        if timeout is None:
+            return await _read_body(src, framing, limit)
+        return await asyncio.wait_for(_read_body(src, framing, limit), timeout)
+    except asyncio.TimeoutError:
+        raise HttpError(408, "request body not received within %g s" % (timeout or 0)) from None
+    except ProtocolError as exc:  # a bad chunk line, a short body: answered, then closed
+        raise HttpError(400, "malformed request body: %s" % exc) from None
+
+
+async def _read_body(src: Stream, framing: Tuple[str, int], limit: int) -> bytes:
     kind, n = framing
     if kind == "none":
         return b""
@@ -379,9 +427,11 @@ async def read_body(src: Stream, framing: Tuple[str, int], limit: int) -> bytes:
     while True:
         size = _chunk_size(await src.readline())
         if size == 0:
-            while (await src.readline()) not in (b"\r\n", b"\n"):
-                pass
-            return bytes(out)
+            while True:
+                trailer = await src.readline()
+                if trailer == b"\r\n":
+                    return bytes(out)
+                _check_trailer(trailer)
         if len(out) + size > limit:
             raise HttpError(413, "request body larger than %d bytes" % limit)
         while size > 0:
@@ -390,7 +440,7 @@ async def read_body(src: Stream, framing: Tuple[str, int], limit: int) -> bytes:
                 raise ProtocolError("client closed mid-body")
             out += data
             size -= len(data)
-        if (await src.readline()) not in (b"\r\n", b"\n"):
+        if (await src.readline()) != b"\r\n":
             raise ProtocolError("missing CRLF after chunk")
 
 

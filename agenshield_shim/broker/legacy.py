@@ -53,7 +53,7 @@ from .http1 import HttpError, RequestHead, read_body, request_framing
 from .policy import Decision
 from .rpc import (
     INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, NETWORK_ERROR, NOT_ALLOWED_OVER_HTTP, PARSE_ERROR,
-    POLICY_DENIED, URL_REQUIRED, RpcError, RpcService, url_target, error_envelope,
+    POLICY_DENIED, URL_REQUIRED, RpcError, RpcService, url_target, error_envelope, parse_json,
 )
 
 #: The version string 0.7.2 reports in ``/health`` and ``ping`` (hard-coded in the daemon).
@@ -134,7 +134,7 @@ async def serve(services: Services, rpc: RpcService, conn: Conn, head: RequestHe
         if (head.get("expect") or "").lower() == "100-continue":
             w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            body = await read_body(conn.stream, framing, cfg.max_body_size)
+            body = await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
         except HttpError as exc:
             if exc.status != 413:
                 raise
@@ -146,7 +146,7 @@ async def serve(services: Services, rpc: RpcService, conn: Conn, head: RequestHe
         await w.drain()
         return keep
     if framing[0] != "none":
-        await read_body(conn.stream, framing, cfg.max_body_size)
+        await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
     if head.method == "GET" and head.target == "/health":
         status, payload = 200, dumps({"status": "ok", "version": REPORTED_VERSION})
     else:
@@ -170,7 +170,7 @@ class _Crash(Exception):
 async def handle_rpc(rpc: RpcService, conn: Conn, body: bytes) -> Dict[str, Any]:
     """One request (an HTTP body or one socket line) -> the daemon's envelope (never raises)."""
     try:
-        obj = json.loads(body.decode("utf-8", "replace"))
+        obj = parse_json(body, "replace")  # Node's JSON.parse: no NaN, and deep nesting parses or fails
     except ValueError:
         return error_envelope(0, PARSE_ERROR, "Parse error")
     if obj is None:
@@ -304,7 +304,8 @@ def fetch_params(params: Dict[str, Any]) -> Dict[str, Any]:
     caller gave none of that name, a falsy ``body`` dropped, any other made a string and sent with a
     ``Content-Length`` (never chunked)."""
     out = dict(params)
-    given = params.get("headers") if isinstance(params.get("headers"), dict) else {}
+    raw = params.get("headers")
+    given: Dict[Any, Any] = raw if isinstance(raw, dict) else {}
     headers = dict(given)
     names = {str(k).lower() for k in given}
     for name, value in FETCH_HEADERS:

@@ -34,7 +34,9 @@ and path. A ``CONNECT`` tunnel exposes only host and port, so for a tunnel a rul
 (the broker cannot see what the tunnel carries; restrict tunnels by port). In ``--compat`` mode a
 tunnel is checked on its host only, as the daemon does: port conditions are ignored for it.
 
-A malformed file is refused at start with a :class:`PolicyError` naming the rule index and field.
+A malformed file is refused at start with a :class:`PolicyError` naming the file, the rule index
+(0-based, as in the default ids) and id, and the field. ``docs/policy.md`` is the user's guide to
+this format.
 """
 
 import ipaddress
@@ -219,6 +221,15 @@ class Policy:
         return Decision(False, None, "Host '%s' is not allowed" % normalize_host(target.host))
 
 
+    def deny_for(self, target: Target, check_port: bool = True) -> Optional[Decision]:
+        """The refusal when a *deny* rule matches ``target`` (used on each resolved address: a name
+        the policy allows must not lead to an address it denies), else ``None``."""
+        decision = self.check(target, check_port)
+        if decision.allowed or decision.policy_id is None:
+            return None
+        return decision
+
+
 def _describe(t: Target) -> str:
     host = normalize_host(t.host)
     return "Host '%s'" % (host if t.port is None else "%s:%d" % (host, t.port))
@@ -228,9 +239,16 @@ def _describe(t: Target) -> str:
 # Building policies
 
 
-def _err(index: int, rule_id: Optional[str], fieldname: str, what: str) -> PolicyError:
+def _where(source: str) -> str:
+    """How a message names the policy: its file, or where its rules came from."""
+    if not source:
+        return "policy"
+    return source if source.startswith("--") else "policy file %s" % source
+
+
+def _err(index: int, rule_id: Optional[str], fieldname: str, what: str, source: str = "") -> PolicyError:
     label = "rule %d" % index + (" (id %r)" % rule_id if rule_id else "")
-    return PolicyError("policy %s: field '%s': %s" % (label, fieldname, what))
+    return PolicyError("%s, %s, field '%s': %s; see docs/policy.md" % (_where(source), label, fieldname, what))
 
 
 def _as_list(value: Any) -> List[Any]:
@@ -242,47 +260,48 @@ def _parse_port(value: Any) -> Tuple[int, int]:
         raise ValueError("not a port: %r" % (value,))
     if isinstance(value, int):
         lo = hi = value
-    elif isinstance(value, str) and "-" in value:
-        a, b = value.split("-", 1)
-        lo, hi = int(a), int(b)
     elif isinstance(value, str):
-        lo = hi = int(value)
+        a, _, b = value.partition("-")
+        words = [w.strip() for w in (a, b or a)]
+        if not all(w.isdigit() and w.isascii() for w in words):
+            raise ValueError("not a port: %r (a number from 1 to 65535, or a range such as \"8000-8100\")" % (value,))
+        lo, hi = int(words[0]), int(words[1])
     else:
-        raise ValueError("not a port: %r" % (value,))
+        raise ValueError("not a port: %r (a number from 1 to 65535, or a range such as \"8000-8100\")" % (value,))
     if not (1 <= lo <= hi <= 65535):
-        raise ValueError("port out of range: %r" % (value,))
+        raise ValueError("port out of range: %r (ports are 1 to 65535, a range low-high)" % (value,))
     return lo, hi
 
 
-def rule_from_mapping(index: int, raw: Mapping[str, Any]) -> Rule:
-    """Validate one rule table; every problem names the rule index (and id) and the field."""
+def rule_from_mapping(index: int, raw: Mapping[str, Any], source: str = "") -> Rule:
+    """Validate one rule table; every problem names the file, the rule index (and id) and the field."""
     if not isinstance(raw, Mapping):
-        raise _err(index, None, "(rule)", "must be a table")
+        raise _err(index, None, "(rule)", "must be a table", source)
     rid = raw.get("id")
     if rid is not None and (not isinstance(rid, str) or not rid):
-        raise _err(index, None, "id", "must be a non-empty string")
+        raise _err(index, None, "id", "must be a non-empty string", source)
     for key in raw:
         if key not in _RULE_FIELDS:
-            raise _err(index, rid, key, "unknown field (known: %s)" % ", ".join(sorted(_RULE_FIELDS)))
+            raise _err(index, rid, key, "unknown field (known: %s)" % ", ".join(sorted(_RULE_FIELDS)), source)
     action = raw.get("action")
     if action not in ("allow", "deny"):
-        raise _err(index, rid, "action", "must be \"allow\" or \"deny\", got %r" % (action,))
+        raise _err(index, rid, "action", "must be \"allow\" or \"deny\", got %r" % (action,), source)
     kw: Dict[str, Any] = {}
     if "hosts" in raw:
         pats = []
         for h in _as_list(raw["hosts"]):
             if not isinstance(h, str):
-                raise _err(index, rid, "hosts", "entries must be strings, got %r" % (h,))
+                raise _err(index, rid, "hosts", "entries must be strings, got %r" % (h,), source)
             try:
                 pats.append(HostPattern(h))
             except ValueError as exc:
-                raise _err(index, rid, "hosts", str(exc)) from None
+                raise _err(index, rid, "hosts", str(exc), source) from None
         kw["hosts"] = tuple(pats)
     if "schemes" in raw:
         schemes = []
         for s in _as_list(raw["schemes"]):
             if not isinstance(s, str) or s.lower() not in _SCHEMES:
-                raise _err(index, rid, "schemes", "must be among %s, got %r" % (sorted(_SCHEMES), s))
+                raise _err(index, rid, "schemes", "must be among %s, got %r" % (sorted(_SCHEMES), s), source)
             schemes.append(_SCHEME_ALIAS.get(s.lower(), s.lower()))
         kw["schemes"] = tuple(schemes)
     if "ports" in raw:
@@ -291,24 +310,24 @@ def rule_from_mapping(index: int, raw: Mapping[str, Any]) -> Rule:
             try:
                 ports.append(_parse_port(p))
             except ValueError as exc:
-                raise _err(index, rid, "ports", str(exc)) from None
+                raise _err(index, rid, "ports", str(exc), source) from None
         kw["ports"] = tuple(ports)
     if "methods" in raw:
         methods = []
         for m in _as_list(raw["methods"]):
             if not isinstance(m, str) or not m or not set(m) <= _TOKEN_CHARS:
-                raise _err(index, rid, "methods", "must be HTTP method names, got %r" % (m,))
+                raise _err(index, rid, "methods", "must be HTTP method names, got %r" % (m,), source)
             methods.append(m.upper())
         kw["methods"] = tuple(methods)
     if "paths" in raw:
         paths = []
         for p in _as_list(raw["paths"]):
             if not isinstance(p, str) or not p.startswith("/"):
-                raise _err(index, rid, "paths", "must be strings starting with '/', got %r" % (p,))
+                raise _err(index, rid, "paths", "must be strings starting with '/', got %r" % (p,), source)
             paths.append(p)
         kw["paths"] = tuple(paths)
     if "description" in raw and not isinstance(raw["description"], str):
-        raise _err(index, rid, "description", "must be a string")
+        raise _err(index, rid, "description", "must be a string", source)
     return Rule(id=rid or "rule-%d" % index, action=action, **kw)
 
 
@@ -331,18 +350,19 @@ def policy_from_mapping(data: Mapping[str, Any], source: str = "") -> Policy:
     """Build a :class:`Policy` from a parsed TOML document (see the module docstring)."""
     for key in data:
         if key not in ("default", "rules"):
-            raise PolicyError("policy %s: unknown top-level key '%s' (known: default, rules)" % (source, key))
+            raise PolicyError("%s: unknown top-level key '%s' (known: default, rules); see docs/policy.md"
+                              % (_where(source), key))
     default = data.get("default", "deny")
     if default not in ("allow", "deny"):
-        raise PolicyError("policy %s: field 'default': must be \"allow\" or \"deny\", got %r" % (source, default))
+        raise PolicyError("%s: field 'default': must be \"allow\" or \"deny\", got %r" % (_where(source), default))
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list):
-        raise PolicyError("policy %s: 'rules' must be an array of tables ([[rules]])" % source)
-    rules = [rule_from_mapping(i, r) for i, r in enumerate(raw_rules)]
+        raise PolicyError("%s: 'rules' must be an array of tables ([[rules]]); see docs/policy.md" % _where(source))
+    rules = [rule_from_mapping(i, r, source) for i, r in enumerate(raw_rules)]
     seen: Dict[str, int] = {}
     for i, r in enumerate(rules):
         if r.id in seen:
-            raise _err(i, r.id, "id", "duplicate of rule %d" % seen[r.id])
+            raise _err(i, r.id, "id", "duplicate of rule %d" % seen[r.id], source)
         seen[r.id] = i
     return Policy(rules, default_allow=default == "allow", source=source)
 
@@ -358,11 +378,11 @@ def allow_rule(index: int, spec: str) -> Rule:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise PolicyError("--allow %r: unclosed '['" % spec)
+            raise PolicyError("--allow %r: unclosed '['; write HOST[:PORT], IPv6 as [::1]:8080" % spec)
         host, rest = text[1:end], text[end + 1:]
         if rest:
             if not rest.startswith(":"):
-                raise PolicyError("--allow %r: expected HOST[:PORT]" % spec)
+                raise PolicyError("--allow %r: expected HOST[:PORT], IPv6 as [::1]:8080" % spec)
             port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
@@ -370,7 +390,7 @@ def allow_rule(index: int, spec: str) -> Rule:
         pattern = HostPattern(host)
         ports = (_parse_port(port),) if port is not None else None
     except ValueError as exc:
-        raise PolicyError("--allow %r: %s" % (spec, exc)) from None
+        raise PolicyError("--allow %r: %s; write HOST or HOST:PORT, e.g. --allow api.example.com:443" % (spec, exc)) from None
     return Rule(id="allow-%d" % index, action="allow", hosts=(pattern,), ports=ports)
 
 

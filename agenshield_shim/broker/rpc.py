@@ -38,16 +38,20 @@ import base64
 import binascii
 import datetime
 import json
+import math
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import yarl
 
 from .. import __version__
-from .context import Conn, Services
-from .policy import Decision, Target, normalize_host
+from ..addr import Host, IPAddress, canonical_host
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
+from .policy import Decision, Target
+from .upstream import UpstreamError, resolve
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -83,9 +87,33 @@ def error_envelope(req_id: Any, code: int, message: str) -> Dict[str, Any]:
 def _usable_id(obj: Any) -> Any:
     if isinstance(obj, dict):
         rid = obj.get("id")
+        if isinstance(rid, float) and not math.isfinite(rid):
+            return 0  # never reached from parse_json; kept so no answer can carry NaN
         if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
             return rid
     return 0
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a float Python would write back as Infinity
+        raise ValueError("number out of range")
+    return value
+
+
+def parse_json(body: bytes, errors: str = "strict") -> Any:
+    """Strict JSON (RFC 8259): ``ValueError`` for what is not, including ``NaN``/``Infinity`` and
+    numbers past a double's range (Python's json accepts them and would echo them as non-JSON:
+    ``NaN``), and nesting too deep to parse
+    (100,000 ``[`` is a RecursionError in json, here a parse error)."""
+    try:
+        return json.loads(body.decode("utf-8", errors), parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
 
 
 def _now_iso() -> str:
@@ -106,8 +134,28 @@ def _trace_metadata(context: Any) -> Dict[str, Any]:
     return out
 
 
-def url_target(url: str, method: Optional[str]) -> Target:
-    """The policy target of an http(s) URL; :class:`RpcError` 1001 when it cannot be one."""
+class _Url(NamedTuple):
+    """An http(s) URL read once: its policy target, canonical host, and what the request is sent with."""
+
+    target: Target
+    host: Host
+    userinfo: str
+    origin: str  # path and query
+
+    def request_url(self, ip: IPAddress) -> yarl.URL:
+        """The URL aiohttp is given: the chosen address itself, so aiohttp resolves nothing."""
+        shown = "[%s]" % ip if ip.version == 6 else str(ip)
+        return yarl.URL("%s://%s%s:%d%s" % (self.target.scheme, self.userinfo, shown, self.target.port or 0,
+                                            self.origin), encoded=True)
+
+    def host_header(self) -> str:
+        t = self.target
+        default = 443 if t.scheme == "https" else 80
+        return self.host.authority_host if t.port == default else "%s:%d" % (self.host.authority_host, t.port or 0)
+
+
+def split_url(url: str, method: Optional[str]) -> _Url:
+    """Read an http(s) URL; :class:`RpcError` 1001 when it cannot be a policy target."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -116,13 +164,22 @@ def url_target(url: str, method: Optional[str]) -> Target:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise RpcError(POLICY_DENIED, "Invalid URL: %s" % url[:200])
+    try:
+        host = canonical_host(parts.hostname)
+    except ValueError as exc:
+        raise RpcError(POLICY_DENIED, "Invalid URL: %s (%s)" % (url[:200], exc)) from None
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(
-        host=normalize_host(parts.hostname), port=port or (443 if scheme == "https" else 80),
-        scheme=scheme, method=method, path=path,
-    )
+    userinfo = parts.netloc.rpartition("@")[0]
+    target = Target(host=host.text, port=port or (443 if scheme == "https" else 80),
+                    scheme=scheme, method=method, path=path)
+    return _Url(target, host, userinfo + "@" if userinfo else "", path)
+
+
+def url_target(url: str, method: Optional[str]) -> Target:
+    """The policy target of an http(s) URL; :class:`RpcError` 1001 when it cannot be one."""
+    return split_url(url, method).target
 
 
 class RpcService:
@@ -158,8 +215,8 @@ class RpcService:
     async def handle_rpc(self, conn: Conn, body: bytes) -> Dict[str, Any]:
         """One JSON-RPC request body -> one response envelope (never raises)."""
         try:
-            obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            obj = parse_json(body)
+        except ValueError:  # UnicodeDecodeError is one
             return error_envelope(0, PARSE_ERROR, "Parse error")
         req_id = _usable_id(obj)
         if isinstance(obj, list):
@@ -173,6 +230,8 @@ class RpcService:
             result = await self.dispatch(conn, obj["method"], params)
         except RpcError as exc:
             return error_envelope(req_id, exc.code, exc.message)
+        except AuditError:
+            return error_envelope(req_id, INTERNAL_ERROR, "Internal error: %s" % AUDIT_TEXT)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the envelope promise: an answer, whatever happened
@@ -182,8 +241,8 @@ class RpcService:
     async def handle_api_proxy(self, conn: Conn, body: bytes) -> Tuple[int, Dict[str, Any]]:
         """The README's ``POST /api/proxy {url, method, headers, body}`` -> (HTTP status, JSON)."""
         try:
-            params = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            params = parse_json(body)
+        except ValueError:
             return 400, {"error": {"code": PARSE_ERROR, "message": "Parse error"}}
         if not isinstance(params, dict):
             return 400, {"error": {"code": INVALID_REQUEST, "message": "Invalid Request: expected a JSON object"}}
@@ -192,6 +251,8 @@ class RpcService:
         except RpcError as exc:
             status = {POLICY_DENIED: 403, NETWORK_ERROR: 502, URL_REQUIRED: 400, INVALID_REQUEST: 400}.get(exc.code, 500)
             return status, {"error": {"code": exc.code, "message": exc.message}}
+        except AuditError:
+            return 503, {"error": {"code": INTERNAL_ERROR, "message": "Internal error: %s" % AUDIT_TEXT}}
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -236,10 +297,16 @@ class RpcService:
             from .tunnel import parse_authority
 
             auth = parse_authority(target, default_port=443)
-            if auth is None:
+            host: Optional[Host] = None
+            if auth is not None:
+                try:
+                    host = canonical_host(auth[0])  # the form CONNECT decides on
+                except ValueError:
+                    host = None
+            if auth is None or host is None:
                 decision = Decision(False, None, "Invalid target: %s" % target[:200])
             else:
-                t = Target(host=normalize_host(auth[0]), port=auth[1], tunnel=True)
+                t = Target(host=host.text, port=auth[1], tunnel=True)
                 decision = self.services.policy.check(t, check_port=self.services.ext)
         self.services.audit_decision(
             conn, "policy_check", decision, str(target)[:2048], "success" if decision.allowed else "denied",
@@ -274,11 +341,13 @@ class RpcService:
         first_origin: Optional[Tuple[str, str, int]] = None
         for hop in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
-            target = url_target(url, method)
+            dest = split_url(url, method)
+            target = dest.target
             origin = (target.scheme or "", target.host, target.port or 0)
             if first_origin is None:
                 first_origin = origin
-            if hop == 0 or services.ext:
+            checked = hop == 0 or services.ext
+            if checked:
                 decision = services.policy.check(target)
                 if not decision.allowed:
                     services.audit_decision(conn, "http_request", decision, url, "denied", started,
@@ -289,8 +358,11 @@ class RpcService:
                     raise RpcError(POLICY_DENIED, message)
             else:
                 decision = Decision(True, None, None)
+            if services.audit_blocked(conn, "http_request", url, started, method=method, redirectHop=hop or None):
+                raise AuditError(AUDIT_TEXT)
+            addresses = await self._addresses(conn, decision, dest, url, started, hop, trace, checked)
             status, reason, resp_headers, data, location = await self._one_hop(
-                conn, decision, url, method, headers, body, idle, started, hop, trace)
+                conn, decision, url, dest, addresses, method, headers, body, idle, started, hop, trace)
             if follow and status in (301, 302, 303, 307, 308) and location:
                 next_url = urljoin(url, location)
                 if urlsplit(next_url).scheme.lower() not in ("http", "https"):
@@ -318,24 +390,64 @@ class RpcService:
             result["body"] = data.decode("utf-8", "replace")
         return result
 
+    async def _addresses(
+        self, conn: Conn, decision: Decision, dest: _Url, url: str, started: float, hop: int,
+        trace: Dict[str, Any], checked: bool,
+    ) -> List[IPAddress]:
+        """The addresses this hop may connect to: resolved here (never by aiohttp), and for a name
+        every address a deny rule refuses left out; 1001 when none is left, 1004 when none exists."""
+        services = self.services
+        method = dest.target.method
+        try:
+            addresses = await resolve(dest.host, dest.target.port or 0, services.config.connect_timeout,
+                                      services.resolver)
+        except UpstreamError as exc:
+            services.audit_decision(conn, "http_request", decision, url, "error", started,
+                                    method=method, error=exc.message[:300], redirectHop=hop or None, **trace)
+            raise RpcError(NETWORK_ERROR, "Network error: %s" % exc.message) from None
+        permit = services.permit(dest.target) if checked else None
+        if permit is None:
+            return addresses
+        refusals = [permit(str(ip)) for ip in addresses]
+        allowed = [ip for ip, why in zip(addresses, refusals) if why is None]
+        if not allowed:
+            why = next(w for w in refusals if w is not None)
+            services.audit_decision(conn, "http_request", Decision(False, None, why), url, "denied", started,
+                                    method=method, redirectHop=hop or None, **trace)
+            raise RpcError(POLICY_DENIED, why if not hop else "Redirect to %s denied: %s" % (url[:200], why))
+        return allowed
+
     async def _one_hop(
-        self, conn: Conn, decision: Decision, url: str, method: str, headers: List[Tuple[str, str]],
-        body: Optional[bytes], idle: float, started: float, hop: int, trace: Dict[str, Any],
+        self, conn: Conn, decision: Decision, url: str, dest: _Url, addresses: List[IPAddress], method: str,
+        headers: List[Tuple[str, str]], body: Optional[bytes], idle: float, started: float, hop: int,
+        trace: Dict[str, Any],
     ) -> Tuple[int, str, Dict[str, str], bytes, Optional[str]]:
         services = self.services
         assert self.session is not None, "RpcService.start() was not awaited"
-        send_headers = list(headers)
+        send_headers = [("Host", dest.host_header())] + list(headers)
         has_length = any(k.lower() == "content-length" for k, _ in send_headers)
         if has_length:  # keep the caller's choice of a length, but never a wrong one
             send_headers = [(k, v) for k, v in send_headers if k.lower() != "content-length"]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=services.config.connect_timeout, sock_read=idle)
         limit = services.config.max_rpc_response
+        server_hostname = dest.host.text if dest.target.scheme == "https" and dest.host.ip is None else None
         try:
-            async with self.session.request(
-                method, yarl.URL(url, encoded=True), headers=send_headers, data=body,
-                chunked=True if (body and not has_length) else None,
-                allow_redirects=False, timeout=timeout,
-            ) as resp:
+            first: Optional[BaseException] = None
+            for attempt, ip in enumerate(addresses):
+                try:
+                    resp = await self.session.request(
+                        method, dest.request_url(ip), headers=send_headers, data=body,
+                        chunked=True if (body and not has_length) else None,
+                        allow_redirects=False, timeout=timeout, server_hostname=server_hostname,
+                    )
+                    break
+                except aiohttp.ClientSSLError:
+                    raise  # the address answered: its TLS failure is the answer, not a reason to try another
+                except aiohttp.ClientConnectorError as exc:
+                    first = first or exc
+                    if attempt == len(addresses) - 1:
+                        raise first from None
+            async with resp:
                 buf = bytearray()
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     buf += chunk

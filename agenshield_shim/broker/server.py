@@ -17,10 +17,13 @@ Python API (also documented in ``agenshield_shim.broker``)::
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import json
 import os
 import socket
 import stat
+import sys
 from typing import Any, Dict, List, Optional, Set, TextIO, Tuple
 
 from .access import caller_allowed
@@ -39,9 +42,46 @@ from .tunnel import handle_connect
 from .upstream import Resolver, make_client_ssl_context
 
 JSON = [("Content-Type", "application/json")]
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+def _fd_limit() -> int:
+    """The soft file-descriptor limit, 0 if unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 16
+    except (ImportError, ValueError, OSError):
+        return 0
+
+
+def listen_warnings(hosts: List[str]) -> List[str]:
+    """One warning per listen address that is not loopback (``0.0.0.0``, ``::``, a LAN address)."""
+    out = []
+    for host in hosts:
+        try:
+            loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            out.append("listening on %s, which is not a loopback address: the port is reachable from other"
+                       " machines (their requests are refused with 403); use --host 127.0.0.1 unless that is"
+                       " what you want" % host)
+    return out
+
+
+def _say(message: str) -> None:
+    try:
+        sys.stderr.write("agenshield broker: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 #: First bytes that make a Unix-socket connection newline-delimited JSON-RPC rather than HTTP.
 JSON_START = frozenset(b"{[ \t\r\n")
-#: Listen backlog. Passed to ``start_server`` too, which otherwise re-``listen()``s with 100: a burst
+#: Listen backlog (callers past ``max_connections`` wait here). With 100 (asyncio's default), a burst
 #: of a few hundred connects (500 tunnels at once) would overflow it and wait out a 1 s SYN retry.
 BACKLOG = 1024
 
@@ -57,7 +97,11 @@ class Broker:
         self._audit_stream = audit_stream
         self.services: Optional[Services] = None
         self.rpc: Optional[RpcService] = None
-        self._servers: List[asyncio.AbstractServer] = []
+        self._servers: List[socket.socket] = []
+        self._accept_tasks: List["asyncio.Future[None]"] = []
+        self._slots: Optional[asyncio.Semaphore] = None
+        self._said_fd = False
+        self._said_errors: Set[str] = set()
         self._tcp_addresses: List[Tuple[str, int]] = []
         self._conn_tasks: Dict["asyncio.Task[Any]", Conn] = {}
         self._closing = False
@@ -89,6 +133,14 @@ class Broker:
     def unix_path(self) -> Optional[str]:
         return self.config.unix
 
+    @property
+    def max_connections(self) -> int:
+        """The cap on client connections served at once (``BrokerConfig.max_connections``)."""
+        if self.config.max_connections is not None:
+            return max(1, self.config.max_connections)
+        limit = _fd_limit()
+        return max(8, limit // 4) if limit else 1024
+
     def stats(self) -> Dict[str, int]:
         """Live counts (connections, upstreams, tunnels) and totals, for tests and diagnostics."""
         s = self.services
@@ -96,6 +148,7 @@ class Broker:
             "connections": len(self._conn_tasks),
             "upstreams": len(s.upstreams) if s else 0,
             "pipes": len(s.pipes) if s else 0,
+            "max_connections": self.max_connections,
         }
         if s:
             out.update(s.counters)
@@ -104,10 +157,11 @@ class Broker:
     async def start(self) -> None:
         cfg = self.config
         policy = build_policy(cfg.policy_file, cfg.allow)
-        audit = AuditLog(cfg.audit_file, self._audit_stream)
+        audit = AuditLog(cfg.audit_file, self._audit_stream)  # AuditError: a clear message, not "cannot listen"
         self.services = Services(cfg, policy, audit, make_client_ssl_context(cfg.upstream_ca_file), resolver=self._resolver)
         self.rpc = RpcService(self.services)
         self._stopped = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.max_connections)
         await self.rpc.start()
         try:
             if cfg.tcp:
@@ -202,9 +256,7 @@ class Broker:
                 raise
             bound = sock.getsockname()
             port = bound[1]
-            server = await asyncio.start_server(
-                lambda r, w: self._on_client(r, w, "http"), sock=sock, limit=READ_SIZE, backlog=BACKLOG)
-            self._servers.append(server)
+            self._listen_on(sock, "http")
             self._tcp_addresses.append((bound[0], bound[1]))
 
     async def _listen_unix(self, path: str) -> None:
@@ -229,9 +281,7 @@ class Broker:
             os.umask(old)
         os.chmod(path, self.config.unix_mode)
         sock.listen(BACKLOG)
-        server = await asyncio.start_unix_server(
-            lambda r, w: self._on_client(r, w, "socket"), sock=sock, limit=READ_SIZE, backlog=BACKLOG)
-        self._servers.append(server)
+        self._listen_on(sock, "socket")
 
     def _write_ready_file(self, path: str) -> None:
         lines = ["%s:%d" % ("[%s]" % h if ":" in h else h, p) for h, p in self._tcp_addresses[:1]]
@@ -242,9 +292,77 @@ class Broker:
             fh.write("\n".join(lines) + "\n")
         os.replace(tmp, path)
 
+    def _listen_on(self, sock: socket.socket, channel: str) -> None:
+        sock.setblocking(False)
+        self._servers.append(sock)
+        self._accept_tasks.append(asyncio.ensure_future(self._accept_loop(sock, channel)))
+
+    async def _accept_loop(self, sock: socket.socket, channel: str) -> None:
+        """Accept while fewer than ``max_connections`` are served; at the cap, stop accepting, so
+        new callers wait in the kernel's backlog (back-pressure) instead of each accept failing
+        with ``EMFILE``. If descriptors run out anyway (upstreams, other users of the process),
+        say so once on stderr and retry a moment later: no traceback per failed accept."""
+        loop = asyncio.get_running_loop()
+        slots = self._slots
+        assert slots is not None
+        while not self._closing:
+            await slots.acquire()
+            try:
+                client, _addr = await loop.sock_accept(sock)
+            except asyncio.CancelledError:
+                slots.release()
+                raise
+            except OSError as exc:
+                slots.release()
+                if self._closing or sock.fileno() < 0:
+                    return
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._count("accept_out_of_descriptors")
+                    if not self._said_fd:
+                        self._said_fd = True
+                        _say("cannot accept a connection: %s; waiting (lower --max-connections or raise the"
+                             " file-descriptor limit, now %s)" % (exc.strerror or exc, _fd_limit()))
+                    await asyncio.sleep(0.1)
+                continue
+            asyncio.ensure_future(self._serve_socket(client, channel))
+
+    async def _serve_socket(self, client: socket.socket, channel: str) -> None:
+        slots = self._slots
+        assert slots is not None
+        loop = asyncio.get_running_loop()
+        try:
+            reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, client)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        except OSError:
+            client.close()
+            slots.release()
+            return
+        try:
+            await self._on_client(reader, writer, channel)
+        except Exception as exc:  # a bug: counted and said once per kind, never a traceback per connection
+            self._count("internal_errors")
+            kind = type(exc).__name__
+            if kind not in self._said_errors:
+                self._said_errors.add(kind)
+                _say("internal error serving a connection: %s: %s" % (kind, exc))
+            abort(writer)
+        finally:
+            slots.release()
+
+    def warnings(self) -> List[str]:
+        """What the operator should know about how the broker listens (the CLI prints these)."""
+        return listen_warnings([host for host, _port in self._tcp_addresses])
+
     async def _close_listeners(self) -> None:
-        for server in self._servers:
-            server.close()
+        for task in self._accept_tasks:
+            task.cancel()
+        if self._accept_tasks:
+            await asyncio.gather(*self._accept_tasks, return_exceptions=True)
+        self._accept_tasks = []
+        for sock in self._servers:
+            sock.close()
         self._servers = []
         if self.config.unix and self.services is not None:
             with contextlib.suppress(OSError):
@@ -323,9 +441,9 @@ class Broker:
         while not self._closing:
             conn.busy = False
             try:
-                line = await stream.read_line(cfg.max_body_size, cfg.keepalive_timeout)
-            except HttpError:
-                self._count("bad_requests_413")
+                line = await stream.read_line(cfg.max_body_size, cfg.keepalive_timeout, cfg.body_timeout)
+            except HttpError as exc:
+                self._count("bad_requests_%d" % exc.status)
                 return
             if line is None:
                 return
@@ -371,7 +489,7 @@ class Broker:
                 raise HttpError(413, "request body larger than %d bytes" % cfg.max_body_size)
             if (head.get("expect") or "").lower() == "100-continue":
                 w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await read_body(conn.stream, framing, cfg.max_body_size)
+            body = await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
             if path == "/rpc":
                 envelope = await self.rpc.handle_rpc(conn, body)
                 payload = json.dumps(envelope).encode("ascii")
@@ -383,7 +501,7 @@ class Broker:
             return keep
         # Any other route: drain a small body so the connection stays in step, or give up on it.
         if framing[0] != "none":
-            await read_body(conn.stream, framing, cfg.max_body_size)
+            await read_body(conn.stream, framing, cfg.max_body_size, cfg.body_timeout)
         if path == "/health" and head.method in ("GET", "HEAD"):
             payload = json.dumps(self.rpc.health()).encode("ascii")
             w.write(render_response(200, payload, JSON, close=not keep, head_only=head.method == "HEAD"))

@@ -12,18 +12,29 @@ failure ``502`` with ``connection-refused``, ``connection-timeout`` or ``network
 """
 
 import asyncio
+import re
 import time
 from typing import Any, Optional, Tuple
 
-from .context import Conn, Services
+from .audit import AuditError
+from .context import AUDIT_TEXT, Conn, Services
 from .http1 import RequestHead, Stream, render_response
-from .policy import Target, normalize_host
-from .upstream import DNS_FAILED, UpstreamError, open_upstream
+from ..addr import canonical_host
+from .policy import Decision, Target
+from .upstream import DENIED, DNS_FAILED, UpstreamError, open_upstream
+
+#: Write-buffer high-water mark of each side of a pipe. A tunnel whose client never reads holds
+#: at most this plus one read (``READ_SIZE``) per direction; measured in
+#: ``tests/broker/test_faults.py``. Larger marks save pause/resume round trips but not throughput
+#: (``benchmarks/broker.py``), and memory per stalled tunnel grows with them.
+PIPE_BUFFER = 256 * 1024
+#: ASCII digits only: ``str.isdigit`` is true for ``²`` too, which ``int`` then refuses.
+_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 def parse_authority(target: str, default_port: int = 443) -> Optional[Tuple[str, int]]:
     """``host:port``, ``[v6]:port`` or ``host`` -> (host, port); ``None`` when malformed."""
-    if not target or "/" in target or "@" in target:
+    if not target or "/" in target or "@" in target or not target.isascii():
         return None
     if target.startswith("["):
         end = target.find("]")
@@ -42,7 +53,7 @@ def parse_authority(target: str, default_port: int = 443) -> Optional[Tuple[str,
     if not host:
         return None
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
             return None
         port = int(port_text)
     else:
@@ -171,7 +182,7 @@ async def pipe(
                 end.eof_received()
         for t in (ct, ut):
             if not t.is_closing():
-                t.set_write_buffer_limits(high=1 << 20)  # fewer pause/resume round trips
+                t.set_write_buffer_limits(high=PIPE_BUFFER)
                 t.resume_reading()
         timer = loop.call_at(state.last + idle_timeout, check_idle)
         await state.done
@@ -200,9 +211,16 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         writer.write(render_response(400, b"Bad CONNECT target\n", [("Content-Type", "text/plain")], close=True))
         await writer.drain()
         return False
-    host, port = authority
-    shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-    target = Target(host=normalize_host(host), port=port, tunnel=True)
+    raw_host, port = authority
+    try:
+        host = canonical_host(raw_host)
+    except ValueError as exc:
+        writer.write(render_response(400, ("Bad CONNECT target: %s\n" % exc).encode("ascii", "replace"),
+                                     [("Content-Type", "text/plain")], close=True))
+        await writer.drain()
+        return False
+    shown = "%s:%d" % (host.authority_host, port)
+    target = Target(host=host.text, port=port, tunnel=True)
     decision = services.policy.check(target, check_port=services.ext)
     if not decision.allowed:
         services.count("connect_denied")
@@ -210,9 +228,21 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         writer.write(_refusal(403, "blocked-by-policy", "Blocked by AgenShield policy: %s" % decision.reason))
         await writer.drain()
         return False
+    if services.audit_blocked(conn, "connect", shown, started):
+        writer.write(_refusal(503, "audit-failed", AUDIT_TEXT))
+        await writer.drain()
+        return False
     try:
-        reader_u, writer_u = await open_upstream(host, port, services.config.connect_timeout, resolver=services.resolver)
+        reader_u, writer_u = await open_upstream(host, port, services.config.connect_timeout, resolver=services.resolver,
+                                                 permit=services.permit(target, check_port=services.ext))
     except UpstreamError as exc:
+        if exc.kind == DENIED:
+            services.count("connect_denied")
+            services.audit_decision(conn, "connect", Decision(False, None, exc.message), shown,
+                                    "denied", started)
+            writer.write(_refusal(403, "blocked-by-policy", "Blocked by AgenShield policy: %s" % exc.message))
+            await writer.drain()
+            return False
         services.count("connect_failed")
         services.audit_decision(conn, "connect", decision, shown, "error", started, error=exc.kind, message=exc.message)
         status = 403 if exc.kind == DNS_FAILED else 502
@@ -221,8 +251,13 @@ async def handle_connect(services: Services, conn: Conn, head: RequestHead) -> b
         return False
     services.upstreams.add(writer_u)
     try:
+        try:
+            services.audit_decision(conn, "connect", decision, shown, "success", started)
+        except AuditError:
+            writer.write(_refusal(503, "audit-failed", AUDIT_TEXT))
+            await writer.drain()
+            return False
         services.count("tunnels")
-        services.audit_decision(conn, "connect", decision, shown, "success", started)
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await writer.drain()
         await pipe(services, conn.stream, Stream(reader_u, writer_u), services.config.idle_timeout)

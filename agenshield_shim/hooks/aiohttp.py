@@ -139,10 +139,9 @@ class _Auto:
         return True
 
     def active(self) -> bool:
-        from .._transport import RPC, chosen
+        from .._transport import RPC, current
 
-        choice = chosen(self.config)
-        return choice is not None and choice.transport == RPC
+        return current(self.config) == RPC
 
 
 def _connect_timeout(session: Any, kwargs: Any) -> Optional[float]:

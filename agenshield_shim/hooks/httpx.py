@@ -1,8 +1,13 @@
-"""httpx: every ``HTTPTransport`` and ``AsyncHTTPTransport`` goes through the broker.
+"""httpx and httpx2: every ``HTTPTransport`` and ``AsyncHTTPTransport`` goes through the broker.
 
 Patches: ``httpx.HTTPTransport.__init__`` and ``.handle_request``,
 ``httpx.AsyncHTTPTransport.__init__`` and ``.handle_async_request`` (under ``rpc``: in
 :mod:`.httpx_rpc`).
+
+Only through the module object ``install`` is given (its classes, exceptions, ``Proxy``,
+``Response``, ``ByteStream``), never by importing ``httpx`` or ``httpcore`` by name: so httpx2, the
+maintained fork with its own module names (``httpx2``/``httpcore2``, 2.0 on), is one more line in
+``_boot.HOOKS`` naming this same hook, and so would any other renamed copy be.
 
 Why that seam: it is the one place every networking httpx client goes through on 0.23 to 0.28.
 ``Client`` and ``AsyncClient`` build their default transport and every proxy mount (``proxies=``
@@ -39,9 +44,11 @@ default, on what the broker serves: :mod:`agenshield_shim._transport`, asked at 
 
 Errors keep httpx's own types, with messages that say what happened (always naming AgenShield):
 
-- the broker refuses the destination (tunnel: ``CONNECT`` answered 403/502 or a forwarded request
-  answered with the broker's refusal; rpc: error 1001, or the broker could not reach the
-  upstream, 1004): ``httpx.ProxyError`` naming the destination and the broker's reason;
+- the broker's policy refuses the destination (tunnel: ``CONNECT`` or a forwarded request answered
+  403; rpc: error 1001): not an exception but a 403 answer (:func:`refusal_response`, which says
+  why: SDKs retry exceptions, not a 403), naming the destination and the broker's reason;
+- the broker could not reach the upstream (tunnel: 502; rpc: 1004): ``httpx.ProxyError`` naming
+  the destination and the broker's reason;
 - the broker cannot be reached (rpc: also answers something unusable): ``httpx.ConnectError``
   naming the broker (``ConnectTimeout`` when connecting to it timed out);
 - rpc only: a timeout (the broker's or the local deadline) is ``httpx.ReadTimeout``; a body the
@@ -196,6 +203,14 @@ class _Errors:
         message = "AgenShield: the broker at %s refused %s (%s)" % (self.broker, _destination(request.url), why)
         return self.module.ProxyError(message, request=request)  # type: ignore[no-any-return]
 
+    def refusal(self, request: Any, why: str, explained: Optional[str] = None) -> Any:
+        """A policy refusal (the broker's 403) as :func:`refusal_response`; anything else the
+        broker could not do (502: the upstream unreachable; not a proxy at all) raised."""
+        exc = self.refused(request, why, explained)
+        if not why.startswith("403"):
+            raise exc
+        return refusal_response(self.module, str(exc))
+
     def policy_target(self, request: Any, why: str) -> Optional[str]:
         """What to ask ``policy_check`` about a refusal: only a 403 can be the policy's."""
         if not why.startswith("403"):
@@ -291,7 +306,7 @@ class _Errors:
     def refusal_reason(self, response: Any, body: bytes) -> str:
         kind = response.headers.get("x-proxy-error")
         text = body.decode("utf-8", "replace").strip()
-        why = "%d %s" % (response.status_code, text)
+        why = "%d %s" % (response.status_code, text) if text else str(response.status_code)  # HEAD: no body
         return "%s, %s" % (why, kind) if kind else why
 
 
@@ -309,7 +324,7 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[
             if better is None:
                 raise
             if better is exc:  # refused: httpcore says "<status> <reason>"
-                raise errors.refused(request, str(exc), errors.explain_sync(request, str(exc))) from exc
+                return errors.refusal(request, str(exc), errors.explain_sync(request, str(exc)))
             raise better from exc
         suspect = errors.suspect(request, response)
         if suspect is None:
@@ -324,12 +339,12 @@ def _sync_handler(original: Callable[..., Any], errors: _Errors, auto: Optional[
             if explained is None:
                 return response  # the policy allows the URL: the upstream's own 403
             response.close()
-            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
+            return errors.refusal(request, "403 Blocked by AgenShield URL policy", explained)
         body = _read_sync(response)
         if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
-        raise errors.refused(request, why, errors.explain_sync(request, why))
+        return errors.refusal(request, why, errors.explain_sync(request, why))
 
     handle_request.__agenshield_original__ = original  # type: ignore[attr-defined]
     return handle_request
@@ -350,7 +365,7 @@ def _async_handler(original: Callable[..., Any], errors: _Errors, auto: Optional
                 raise
             if better is exc:  # refused: httpcore says "<status> <reason>"
                 explained = await errors.explain_async(request, str(exc))
-                raise errors.refused(request, str(exc), explained) from exc
+                return errors.refusal(request, str(exc), explained)
             raise better from exc
         suspect = errors.suspect(request, response)
         if suspect is None:
@@ -365,12 +380,12 @@ def _async_handler(original: Callable[..., Any], errors: _Errors, auto: Optional
             if explained is None:
                 return response  # the policy allows the URL: the upstream's own 403
             await response.aclose()
-            raise errors.refused(request, "403 Blocked by AgenShield URL policy", explained)
+            return errors.refusal(request, "403 Blocked by AgenShield URL policy", explained)
         body = await _read_async(response)
         if suspect == "body" and body.strip() not in FORWARD_REFUSAL_BODIES:
             return _replay(errors.module, response, body)
         why = errors.refusal_reason(response, body)
-        raise errors.refused(request, why, await errors.explain_async(request, why))
+        return errors.refusal(request, why, await errors.explain_async(request, why))
 
     handle_async_request.__agenshield_original__ = original  # type: ignore[attr-defined]
     return handle_async_request
@@ -405,6 +420,39 @@ async def _read_async(response: Any) -> bytes:
     finally:
         await response.stream.aclose()
     return b"".join(chunks)
+
+
+#: ``error.code`` of a refusal's JSON-RPC body: in the range JSON-RPC leaves to servers.
+REFUSAL_RPC_CODE = -32001
+
+
+def refusal_response(module: ModuleType, message: str) -> Any:
+    """The broker's policy refusal as the answer a refusing HTTP proxy gives: a ``403``.
+
+    Not an exception, because every SDK built on httpx/httpx2 (openai, anthropic, huggingface_hub,
+    mcp, google-genai) retries a transport exception as a connection error, with back-off (openai
+    1.1-1.5 s, huggingface_hub 23 s), and then reports "Connection error"; a 403 is retried by none
+    of them and raised at once as their own status error (``PermissionDeniedError``, ...), whose
+    message carries this body. ``x-should-retry: false`` says the same to the Stainless SDKs.
+    ``message`` (it names AgenShield, the destination and the broker's reason) is the reason
+    phrase, so ``raise_for_status()`` shows it, and the JSON body's ``error.message``, which is
+    where API SDKs look (OpenAI's and Anthropic's ``{"error": {"message", "type"}}``); the body is
+    also a JSON-RPC error (``jsonrpc``, ``id``, an integer ``error.code``), which MCP's client raises
+    as the server's error instead of a bare "Server returned an error response".
+    ``X-AgenShield-Refused: 1`` marks the answer as the shim's.
+    """
+    import json
+
+    body = json.dumps({
+        "jsonrpc": "2.0", "id": None,
+        "error": {"code": REFUSAL_RPC_CODE, "message": message, "type": "agenshield_refused", "data": "blocked-by-policy"},
+    })
+    return module.Response(
+        status_code=403,
+        headers=[(b"Content-Type", b"application/json"), (b"X-Should-Retry", b"false"), (b"X-AgenShield-Refused", b"1")],
+        content=body.encode("ascii"),
+        extensions={"http_version": b"HTTP/1.1", "reason_phrase": message.encode("ascii", "replace")},
+    )
 
 
 def _replay(module: ModuleType, response: Any, body: bytes) -> Any:

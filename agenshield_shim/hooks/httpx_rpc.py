@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from .. import _rpc, _wire
 from .._config import Config
-from .httpx import _ROUTED, _routed_init
+from .httpx import _ROUTED, _routed_init, refusal_response
 
 
 def install(module: ModuleType, config: Config) -> None:
@@ -100,6 +100,8 @@ class RpcRoute:
         try:
             answer = _rpc.http_request(self.config, method, url, headers, body or None, timeout_s)
             return self.response(request, answer)
+        except _rpc.RpcDenied as exc:  # the policy's refusal: an answer, as in the tunnel
+            return refusal_response(self.module, str(exc))
         except _rpc.RpcError as exc:
             raise self.error(request, exc) from exc
 
@@ -110,6 +112,8 @@ class RpcRoute:
         try:
             answer = await _call_async(self.config, method, url, headers, body or None, timeout_s)
             return self.response(request, answer)
+        except _rpc.RpcDenied as exc:  # the policy's refusal: an answer, as in the tunnel
+            return refusal_response(self.module, str(exc))
         except _rpc.RpcError as exc:
             raise self.error(request, exc) from exc
 

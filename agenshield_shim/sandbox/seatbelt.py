@@ -22,7 +22,6 @@ Not verified on a Mac from this repository's CI (sandbox-exec exists only on mac
 parse the profile instead; see ``tests/test_seatbelt.py``.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -243,17 +242,28 @@ def generate_sandbox_profile(
 
 def cli_profile(argv: List[str]) -> int:
     """``agenshield-shim sandbox-profile``: print the profile (write it to a file with ``>``)."""
-    parser = argparse.ArgumentParser(
+    from ..cli_args import Parser, check_directory, first_problem, port
+
+    parser = Parser(
         prog="agenshield-shim sandbox-profile",
         description="Print a macOS seatbelt profile for sandbox-exec: deny by default, the broker only.",
     )
-    parser.add_argument("--workspace", required=True, metavar="DIR", help="read-write working directory")
-    parser.add_argument("--allow-read", action="append", default=[], metavar="DIR", help="extra readable directory")
-    parser.add_argument("--allow-write", action="append", default=[], metavar="DIR", help="extra writable directory")
-    parser.add_argument("--broker-port", type=int, default=DEFAULT_BROKER_PORT, metavar="P")
-    parser.add_argument("--broker-socket", metavar="PATH", help="the broker's Unix socket, if it has one")
-    parser.add_argument("--python", default=sys.executable, metavar="PATH", help="interpreter to allow (default: this one)")
+    parser.add_argument("--workspace", required=True, metavar="DIR", help="read-write working directory (must exist)")
+    parser.add_argument("--allow-read", action="append", default=[], metavar="DIR",
+                        help="extra readable directory (repeatable; default: none)")
+    parser.add_argument("--allow-write", action="append", default=[], metavar="DIR",
+                        help="extra writable directory (repeatable; default: none)")
+    parser.add_argument("--broker-port", type=port, default=DEFAULT_BROKER_PORT, metavar="P",
+                        help="the broker's TCP port on localhost, the only one the profile opens")
+    parser.add_argument("--broker-socket", metavar="PATH", help="the broker's Unix socket, if it has one (default: none)")
+    parser.add_argument("--python", default=sys.executable, metavar="PATH", help="interpreter to allow")
     args = parser.parse_args(argv)
+    problem = first_problem(check_directory("--workspace", args.workspace),
+                            *(check_directory("--allow-read", d) for d in args.allow_read),
+                            *(check_directory("--allow-write", d) for d in args.allow_write))
+    if problem:
+        sys.stderr.write("agenshield-shim sandbox-profile: %s\n" % problem)
+        return 2
     try:
         text = generate_sandbox_profile(args.workspace, args.allow_read, args.allow_write,
                                         args.broker_port, args.broker_socket, args.python)

@@ -269,6 +269,8 @@ def http_corpus(upstream_port: int) -> Dict[str, Tuple[bytes, int]]:
         "garbage-request-line": (b"GARBAGE\r\n\r\n", 0),
         "http2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0),
         "obs-fold": (b"GET /health HTTP/1.1\r\n" + h + b" folded: x\r\n\r\n", 0),
+        "http1.2": (b"GET /health HTTP/1.2\r\n" + h + close + b"\r\n", 0),
+        "content-length-superscript": (b"POST /rpc HTTP/1.1\r\n" + h + close + b"Content-Length: \xc2\xb2\r\n\r\n", 0),
         "no-host-http1.1": (b"GET /health HTTP/1.1\r\n" + close + b"\r\n", 0),
         "rpc-content-length": (
             b"POST /rpc HTTP/1.1\r\n" + h + close + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(rpc) + rpc, 0),

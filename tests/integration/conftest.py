@@ -309,7 +309,23 @@ def udp_listener() -> Iterator[Listener]:
 #   .mark() / .audit(mark) -> entries written after a mark,
 #   .connects(target, mark=None) / .forwards(substring, mark=None) -> the matching entries
 #            ("connect" entries whose target is exactly "host:port"; "forward" entries whose URL
-#            contains the substring).
+#            contains the substring),
+#   .calls(substring, mark=None) -> "http_request" entries (the rpc transport) whose URL contains it.
+#
+# The real AgenShield daemon (@agenshield/broker 0.7.2 from npm, tests/daemon.py; serves only
+# /health and /rpc: the rpc transport, text bodies only, no extensions):
+#   daemon_broker       session: the daemon through its HTTP fallback -> DaemonHandle; .env has no
+#                       AGENSHIELD_BROKER_SOCKET. Trusts the upstream's CA (NODE_EXTRA_CA_CERTS).
+#                       Built-in policy: http(s) to 127.0.0.1/localhost on an explicit port allowed,
+#                       127.0.0.2 refused (error 1001 "Host '127.0.0.2' is not allowed"): a refusal test
+#                       against the daemon uses a listener on 127.0.0.2 (tcp_listener).
+#   daemon_unix_broker  session: the same daemon through its Unix socket (.env carries
+#                       AGENSHIELD_BROKER_SOCKET; audit entries have channel "socket").
+#   start_daemon        session: start_daemon(ca_file=None, unix=False) -> another daemon (one that does
+#                       not trust the upstream's CA, say), stopped at session end.
+# DaemonHandle offers BrokerHandle's API (.host .port .url .pid .audit_file .socket_path .env
+# .rpc_env .mark .audit .calls .connects .forwards .stop); its audit has the same shape.
+# A missing node/npm skips the daemon's tests on a developer's machine and fails them on CI.
 
 import json as _json
 import tempfile as _tempfile
@@ -317,36 +333,23 @@ import time as _time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # aiohttp loads only when a test asks for the upstream
+    from ..daemon import Daemon
+
     from .upstream import Upstream
 
 
-class BrokerHandle:
-    """A running reference broker subprocess; see the API comment above."""
+class AuditedBroker:
+    """What every broker handle offers the tests: its address, the shim's environment for it, and
+    its audit log (one JSON object a line: operation, target, allowed, result, channel, ...).
 
-    def __init__(self, workdir: Path, args: Tuple[str, ...]) -> None:
-        self.workdir = workdir
-        self.ready_file = str(workdir / "ready")
-        self.audit_file = str(workdir / "audit.jsonl")
-        self.socket_path: Optional[str] = None
-        if "--unix" in args:
-            self.socket_path = args[args.index("--unix") + 1]
-        env = clean_env(PYTHONPATH=str(ROOT))
-        self._log = open(workdir / "broker.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agenshield_shim.broker", "--host", "127.0.0.1", "--port", "0",
-             "--ready-file", self.ready_file, "--audit", self.audit_file, *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(workdir),
-        )
-        deadline = _time.monotonic() + 30
-        while not os.path.exists(self.ready_file):
-            if self.proc.poll() is not None or _time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("broker did not start: %s" % (workdir / "broker.log").read_text())
-            _time.sleep(0.02)
-        first = Path(self.ready_file).read_text().split()[0]
-        self.host, _, port = first.rpartition(":")
-        self.port = int(port)
-        self.pid = self.proc.pid
+    Subclasses set ``host``, ``port``, ``pid``, ``audit_file`` and ``socket_path``.
+    """
+
+    host: str
+    port: int
+    pid: int
+    audit_file: str
+    socket_path: Optional[str]
 
     @property
     def url(self) -> str:
@@ -382,6 +385,35 @@ class BrokerHandle:
 
     def forwards(self, substring: str, mark: int = 0) -> List[Dict[str, object]]:
         return [e for e in self.audit(mark) if e.get("operation") == "forward" and substring in str(e.get("target"))]
+
+
+class BrokerHandle(AuditedBroker):
+    """A running reference broker subprocess; see the API comment above."""
+
+    def __init__(self, workdir: Path, args: Tuple[str, ...]) -> None:
+        self.workdir = workdir
+        self.ready_file = str(workdir / "ready")
+        self.audit_file = str(workdir / "audit.jsonl")
+        self.socket_path: Optional[str] = None
+        if "--unix" in args:
+            self.socket_path = args[args.index("--unix") + 1]
+        env = clean_env(PYTHONPATH=str(ROOT))
+        self._log = open(workdir / "broker.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agenshield_shim.broker", "--host", "127.0.0.1", "--port", "0",
+             "--ready-file", self.ready_file, "--audit", self.audit_file, *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(workdir),
+        )
+        deadline = _time.monotonic() + 30
+        while not os.path.exists(self.ready_file):
+            if self.proc.poll() is not None or _time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("broker did not start: %s" % (workdir / "broker.log").read_text())
+            _time.sleep(0.02)
+        first = Path(self.ready_file).read_text().split()[0]
+        self.host, _, port = first.rpartition(":")
+        self.port = int(port)
+        self.pid = self.proc.pid
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -443,6 +475,66 @@ def rpc_broker(start_broker, upstream: "Upstream") -> BrokerHandle:
 @pytest.fixture(scope="session")
 def compat_broker(start_broker, upstream: "Upstream") -> BrokerHandle:
     return start_broker("--compat", "--upstream-ca", str(upstream.ca_file))
+
+
+class DaemonHandle(AuditedBroker):
+    """The AgenShield daemon (tests/daemon.py's ``Daemon``) seen as a broker handle: through its HTTP
+    fallback, or (``unix=True``) through its Unix socket. Two handles may share one daemon."""
+
+    def __init__(self, daemon: "Daemon", unix: bool) -> None:
+        self.daemon = daemon
+        self.host = daemon.host
+        self.port = daemon.port
+        self.pid = daemon.pid
+        self.audit_file = daemon.audit_file
+        self.socket_path = daemon.socket_path if unix else None
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+def _daemon_class() -> "type":
+    """tests/daemon.py's ``Daemon``, once the package is fetched: a missing node/npm skips locally, fails on CI."""
+    from ..daemon import Daemon, DaemonUnavailable, fetch
+
+    try:
+        fetch()
+    except DaemonUnavailable as exc:
+        skip_unless_local(str(exc))
+    return Daemon
+
+
+@pytest.fixture(scope="session")
+def start_daemon(tmp_path_factory: pytest.TempPathFactory):
+    """``start_daemon(ca_file=None, unix=False)``: a running daemon's handle, stopped at session end."""
+    started: List["Daemon"] = []
+
+    def start(ca_file: Optional[str] = None, unix: bool = False) -> DaemonHandle:
+        daemon = _daemon_class()(tmp_path_factory.mktemp("daemon"), ca_file=ca_file)
+        started.append(daemon)
+        return DaemonHandle(daemon, unix)
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def _daemon(start_daemon, upstream: "Upstream") -> DaemonHandle:
+    """The one daemon both daemon fixtures use (trusting the upstream's CA)."""
+    return start_daemon(ca_file=str(upstream.ca_file))  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def daemon_broker(_daemon: DaemonHandle) -> DaemonHandle:
+    """The daemon through its HTTP fallback (``/rpc``)."""
+    return DaemonHandle(_daemon.daemon, unix=False)
+
+
+@pytest.fixture(scope="session")
+def daemon_unix_broker(_daemon: DaemonHandle) -> DaemonHandle:
+    """The daemon through its Unix socket (newline-delimited JSON-RPC)."""
+    return DaemonHandle(_daemon.daemon, unix=True)
 
 
 @pytest.fixture(scope="session")

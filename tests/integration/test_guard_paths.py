@@ -177,14 +177,21 @@ def _attempt(shim: ShimEnv, body: str, listener: Listener, **env: str) -> str:
     return output
 
 
+#: A reloaded ``socket`` has lost the shim's wrappers that pass host names to the resolver as bytes,
+#: so its lookups reach ``_socket`` with a str, which the guard refuses (the idna codec could change it).
+LOOKUP_REFUSED = {"importlib.reload(socket)"}
+
+
 @pytest.mark.parametrize("path", sorted(TCP_PATHS))
 def test_tcp_path_is_refused(shim: ShimEnv, tcp_listener: Listener, path: str) -> None:
     output = _attempt(shim, TCP_PATHS[path], tcp_listener)
     assert "BLOCKED NetworkBlockedError" in output, output
     assert "ConnectionRefusedError" in output and "OSError" in output  # the exception's classes
-    assert "AgenShield: direct connection to 127.0.0.2:%d blocked; use the broker at localhost:6969" % (
-        tcp_listener.port
-    ) in output, output
+    if path in LOOKUP_REFUSED:
+        expected = "AgenShield: lookup of 127.0.0.2:%d refused: the C code would convert this str with the idna codec"
+    else:
+        expected = "AgenShield: direct connection to 127.0.0.2:%d blocked; use the broker at localhost:6969"
+    assert expected % tcp_listener.port in output, output
     assert "CONNECTED" not in output and "REPLACED" not in output
 
 

@@ -57,8 +57,11 @@ def _need_backend(backend: "str | None" = None) -> str:
     try:
         return netns.find_backend(backend)
     except netns.NetnsUnavailable as exc:
-        message = ("the OS layer cannot be tested here: %s. Install bubblewrap (apt-get install -y bubblewrap) "
-                   "or run the tests as root (unshare --net)." % exc)
+        # Say what is missing, and only that: each reason names its tool and how to get it.
+        if backend is not None:
+            message = "this test needs the %s backend: %s" % (backend, netns.why_unavailable(backend))
+        else:
+            message = "the OS layer cannot be tested here: %s" % exc
         if backend is not None and not os.environ.get("CI"):
             pytest.skip(message)
         pytest.fail(message)

@@ -2,8 +2,9 @@
 
 The tunnel transport's client suite (``AIOHTTP_SUITE`` of ``test_routing_async``) runs unchanged in
 a real shim venv with the rpc transport, against a broker with the protocol extensions
-(``rpc_broker``: bodies travel as base64, exactly) and against one without (``compat_broker``, the
-daemon's behaviour: text bodies only). The tests assert what rpc promises, which is not always what
+(``rpc_broker``: bodies travel as base64, exactly), against one without (``compat_broker``, the
+daemon's behaviour: text bodies only) and against the real AgenShield daemon 0.7.2, through its
+HTTP fallback (``daemon_broker``) and its Unix socket (``daemon_unix_broker``). The tests assert what rpc promises, which is not always what
 the tunnel gives: bodies are buffered (SSE arrives whole), TLS is the broker's, websockets need the
 tunnel, and a body a text-only broker would corrupt is a clear error instead. Routing is proven
 from the broker's side (its audit shows one ``http_request`` per request and hop, no tunnel and no
@@ -29,6 +30,7 @@ from .test_routing_async import (
     assert_methods_and_query,
     assert_refusal,
     cookies_seen,
+    cookies_set,
     echo_body,
     echo_header,
     echo_query,
@@ -236,11 +238,30 @@ GET_SUITE = PRELUDE + textwrap.dedent(
 )
 
 
+#: The brokers AIOHTTP_SUITE runs against, by mode, and the transport's variables: "rpc" has the
+#: protocol extensions, the others carry text bodies only; the *_auto modes run the daemon under the
+#: default transport (auto, which finds that the daemon serves rpc only).
+SUITE_BROKERS = {"rpc": ("rpc_broker", RPC), "compat": ("compat_broker", RPC), "daemon": ("daemon_broker", RPC),
+                 "daemon_unix": ("daemon_unix_broker", RPC), "daemon_auto": ("daemon_broker", {}),
+                 "daemon_unix_auto": ("daemon_unix_broker", {})}
+#: The daemon through each of its doors.
+DAEMONS = ["daemon_broker", "daemon_unix_broker"]
+
+
 class Suite(NamedTuple):
-    mode: str  # "rpc" (rpc_broker) or "compat" (compat_broker)
+    mode: str  # a key of SUITE_BROKERS, or newest/oldest (RPC_SUITE)
     broker: Any
     results: Dict[str, Any]
     audit: List[Dict[str, Any]]
+
+    @property
+    def text_only(self) -> bool:
+        """A broker without the base64 extension: the compat broker, the daemon."""
+        return self.mode == "compat" or self.daemon
+
+    @property
+    def daemon(self) -> bool:
+        return self.mode.startswith("daemon")
 
 
 def assert_tunnel_only(entry: Dict[str, Any], *words: str) -> None:
@@ -261,12 +282,13 @@ def main_env(shim_env_factory: Any) -> ShimEnv:
     return shim_env_factory(*MAIN)  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module", params=["rpc", "compat"])
+@pytest.fixture(scope="module", params=list(SUITE_BROKERS))
 def suite(request: pytest.FixtureRequest, main_env: ShimEnv, upstream: Any) -> Suite:
-    """AIOHTTP_SUITE under rpc, against the broker with extensions and against a ``--compat`` one."""
-    broker = request.getfixturevalue(request.param + "_broker")
+    """AIOHTTP_SUITE under rpc, against the broker with extensions, a ``--compat`` one and the daemon."""
+    fixture, transport = SUITE_BROKERS[request.param]
+    broker = request.getfixturevalue(fixture)
     mark = broker.mark()
-    results = run_suite(main_env, AIOHTTP_SUITE, broker, upstream, extra_env=RPC)
+    results = run_suite(main_env, AIOHTTP_SUITE, broker, upstream, extra_env=transport)
     return Suite(request.param, broker, results, broker.audit(mark))
 
 
@@ -295,6 +317,8 @@ def test_broker_audited_one_call_per_request(suite: Suite, upstream: Any) -> Non
         calls = [e for e in suite.audit if e.get("operation") == "http_request" and str(e.get("target")).startswith(prefix)]
         assert len({e["target"] for e in calls}) == 200 and len(calls) == 200, [e["target"] for e in calls][:5]
         assert all(e["result"] == "success" and e["allowed"] is True for e in calls), calls[:3]
+    channel = "socket" if suite.broker.socket_path else "http"  # the reference broker logs none
+    assert all(e.get("channel", channel) == channel for e in calls), calls[:3]
     tunnel_or_forward = [e for e in suite.audit if e.get("operation") in ("connect", "forward")]
     assert tunnel_or_forward == [], tunnel_or_forward[:3]
 
@@ -312,7 +336,7 @@ def test_json_form_multipart(suite: Suite, tag: str) -> None:
     assert echo_header(form, "content-type").startswith("application/x-www-form-urlencoded")
     # a text-only broker could not carry a compressed answer: the request asks for none
     accept = echo_header(form, "accept-encoding")
-    assert accept == "identity" if suite.mode == "compat" else "gzip" in accept, accept
+    assert accept == "identity" if suite.text_only else "gzip" in accept, accept
     # b"\x00\x01binary" is valid UTF-8: a text-only broker carries this file too
     assert value(suite.results, tag + "multipart")["form"] == MULTIPART_FIELDS
 
@@ -320,7 +344,7 @@ def test_json_form_multipart(suite: Suite, tag: str) -> None:
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_binary_bodies_exact_or_clear_error(suite: Suite, tag: str) -> None:
     results = suite.results
-    if suite.mode == "compat":
+    if suite.text_only:
         # random bytes are not UTF-8: refused before anything is sent, instead of corrupted
         assert_tunnel_only(error(results, tag + "binary_up"), "not UTF-8")
         assert_tunnel_only(error(results, tag + "chunked_up"), "not UTF-8")
@@ -335,7 +359,7 @@ def test_binary_bodies_exact_or_clear_error(suite: Suite, tag: str) -> None:
 
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_chunked_upload_arrives_whole(suite: Suite, tag: str) -> None:
-    if suite.mode == "compat":
+    if suite.text_only:
         return  # random bytes: see test_binary_bodies_exact_or_clear_error
     sent, answer, encoding = value(suite.results, tag + "chunked_up")
     assert encoding == "chunked"  # aiohttp wrote it chunked...
@@ -357,9 +381,10 @@ def test_redirects_followed_by_aiohttp_each_hop_a_call(suite: Suite, upstream: A
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_cookies_head_and_gzip(suite: Suite, tag: str) -> None:
     set_cookies, seen = value(suite.results, tag + "cookies")
-    assert len(set_cookies) == 2 and cookies_seen(seen) == {"a": "1", "b": "2"}
+    expected = cookies_set(suite.daemon)
+    assert len(set_cookies) == len(expected) and cookies_seen(seen) == expected
     assert value(suite.results, tag + "head") == [200, ""]
-    if suite.mode == "compat":
+    if suite.text_only:
         # /gzip compresses whatever Accept-Encoding says: a text-only broker cannot carry it intact
         assert_tunnel_only(error(suite.results, tag + "gzip"), "gzip")
         return
@@ -536,8 +561,32 @@ def test_refusal_by_policy_names_the_rule(main_env: ShimEnv, deny_broker: Any, u
     assert len(denied) == 2 and all(e["result"] == "denied" for e in denied), denied
 
 
-def test_environment_proxies_and_no_proxy_open_no_way_around(main_env: ShimEnv, rpc_broker: Any, upstream: Any) -> None:
+@pytest.mark.parametrize("transport", ["rpc", "auto"])
+@pytest.mark.parametrize("daemon", DAEMONS)
+def test_daemon_refusal_names_its_reason(main_env: ShimEnv, upstream: Any, tcp_listener: Any, daemon: str, transport: str,
+                                         request: pytest.FixtureRequest) -> None:
+    """The daemon's built-in policy refuses 127.0.0.2: ClientHttpProxyError with its reason, nothing arrives."""
+    broker = request.getfixturevalue(daemon)
+    mark = broker.mark()
+    where = "%s:%d" % (tcp_listener.host, tcp_listener.port)
+    results = run_suite(main_env, GET_SUITE, broker, upstream, extra_env=RPC if transport == "rpc" else {},
+                        http_url="http://" + where, https_url="https://" + where)
+    for tag in SCHEMES:
+        entry = error(results, tag)
+        assert any(n.endswith(".ClientHttpProxyError") for n in entry["mro"]), entry
+        message = entry["message"]
+        assert "AgenShield" in message and where in message and "Host '127.0.0.2' is not allowed" in message, message
+        assert "1001" in message and entry["elapsed"] < 2.0, entry
+    denied = broker.calls(where + "/whoami", mark)
+    assert len(denied) == 2 and all(e["result"] == "denied" for e in denied), denied
+    assert tcp_listener.settle() == 0
+
+
+@pytest.mark.parametrize("which", ["rpc_broker"] + DAEMONS)
+def test_environment_proxies_and_no_proxy_open_no_way_around(main_env: ShimEnv, upstream: Any, which: str,
+                                                             request: pytest.FixtureRequest) -> None:
     """HTTP(S)_PROXY/ALL_PROXY point nowhere and NO_PROXY covers everything (trust_env=True): still rpc calls."""
+    rpc_broker = request.getfixturevalue(which)
     proxies = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")}
     proxies.update(NO_PROXY="*,localhost,127.0.0.1", no_proxy="*,localhost,127.0.0.1")
     mark = rpc_broker.mark()
@@ -558,6 +607,22 @@ def test_broker_down_fast_clear_error(main_env: ShimEnv, broker: Any, upstream: 
         assert entry["elapsed"] < 2.0, entry
 
 
+@pytest.mark.parametrize("transport", ["rpc", "auto"])
+@pytest.mark.parametrize("door", ["http", "unix"])
+def test_stopped_daemon_fast_clear_error(main_env: ShimEnv, upstream: Any, start_daemon: Any, door: str,
+                                         transport: str) -> None:
+    """The daemon stopped (its port closed, its socket gone): the same error as any broker that is down."""
+    daemon = start_daemon(ca_file=str(upstream.ca_file), unix=door == "unix")
+    daemon.stop()
+    where = "unix:" + daemon.socket_path if door == "unix" else "127.0.0.1:%d" % daemon.port
+    results = run_suite(main_env, GET_SUITE, daemon, upstream, extra_env=RPC if transport == "rpc" else {})
+    for tag in SCHEMES:
+        entry = error(results, tag)
+        assert entry["error"] == "ClientProxyConnectionError", entry
+        assert "AgenShield" in entry["message"] and where in entry["message"], entry
+        assert entry["elapsed"] < 2.0, entry
+
+
 def test_silent_broker_caller_timeout_honoured(main_env: ShimEnv, broker: Any, upstream: Any, silent_broker: int) -> None:
     results = run_suite(main_env, GET_SUITE, broker, upstream,
                         extra_env=dict(RPC, AGENSHIELD_BROKER_PORT=str(silent_broker)))
@@ -567,8 +632,11 @@ def test_silent_broker_caller_timeout_honoured(main_env: ShimEnv, broker: Any, u
         assert 0.8 < entry["elapsed"] < 3.0, entry
 
 
-def test_allow_listed_destination_reached_directly(main_env: ShimEnv, rpc_broker: Any, upstream: Any) -> None:
+@pytest.mark.parametrize("which", ["rpc_broker"] + DAEMONS)
+def test_allow_listed_destination_reached_directly(main_env: ShimEnv, upstream: Any, which: str,
+                                                   request: pytest.FixtureRequest) -> None:
     """AGENSHIELD_ALLOW lets the plain-HTTP upstream through directly; the HTTPS one still goes via the broker."""
+    rpc_broker = request.getfixturevalue(which)
     mark = rpc_broker.mark()
     results = run_suite(main_env, GET_SUITE, rpc_broker, upstream,
                         extra_env=dict(RPC, AGENSHIELD_ALLOW="127.0.0.1:%d" % upstream.http_port))
@@ -579,9 +647,11 @@ def test_allow_listed_destination_reached_directly(main_env: ShimEnv, rpc_broker
     assert rpc_broker.calls("localhost:%d/whoami" % upstream.https_port, mark)
 
 
-def test_unix_socket_broker(main_env: ShimEnv, unix_broker: Any, upstream: Any) -> None:
+@pytest.mark.parametrize("which", ["unix_broker", "daemon_unix_broker"])
+def test_unix_socket_broker(main_env: ShimEnv, upstream: Any, which: str, request: pytest.FixtureRequest) -> None:
     """With AGENSHIELD_BROKER_SOCKET the calls go over the broker's Unix socket (aiohttp's proxy
     support could not do that: the tunnel transport needs the netns relay for it)."""
+    unix_broker = request.getfixturevalue(which)
     mark = unix_broker.mark()
     results = run_suite(main_env, GET_SUITE, unix_broker, upstream, extra_env=RPC)
     assert value(results, "http:") == [200, unix_broker.pid]

@@ -44,7 +44,7 @@ def run_cmd(args: List[str], env: Dict[str, str] = None, **kwargs) -> "subproces
 @pytest.fixture(scope="module")
 def agent(shim_env_factory) -> ShimEnv:
     if RUN_VERSION is None:
-        _skip_unless_local("no supported Python")
+        _skip_unless_local("no CPython 3.8-3.13 found (pyenv versions, or AGENSHIELD_TEST_PYTHONS)")
     return shim_env_factory(RUN_VERSION)
 
 
@@ -120,8 +120,58 @@ def test_exit_status_of_a_killed_command(agent: ShimEnv, tmp_path: Path) -> None
 
 
 def test_missing_command() -> None:
+    """Refused before a broker starts: one line, exit 2 (tests/test_cli_errors.py has the whole class)."""
     result = run_cmd(["--", "/nonexistent/program"], env={"AGENSHIELD_BROKER_PORT": str(free_port())})
-    assert result.returncode == 127 and "cannot run /nonexistent/program" in result.stderr
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "agenshield-shim run: /nonexistent/program: no such program; check the path; see agenshield-shim run --help"]
+
+
+REACHES = r"""
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+for url in sys.argv[1:]:
+    try:
+        print(url, opener.open(url, timeout=10).status)
+    except OSError as exc:
+        print(url, "refused")
+"""
+
+
+def test_refusals_end_the_output_with_the_allow_flags(agent: ShimEnv, upstream, tmp_path: Path) -> None:
+    """No audit JSON on the terminal; one sentence per refused destination, then the --allow for all of them.
+
+    The refused names are decided on by the broker before any resolution: nothing leaves loopback.
+    """
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text('{"timestamp":"2026-01-01T00:00:00.000Z","operation":"connect","allowed":false,'
+                     '"target":"old.example:443","result":"denied"}\n')  # an earlier run's line: not this run's
+    urls = ["https://example.com/", "https://example.com/again", "https://api.example.org:8443/v1",
+            upstream.http_url + "/echo?tag=run-summary"]
+    result = run_cmd(["--audit", str(audit), "--", agent.python, "-c", REACHES, *urls],
+                     env={"AGENSHIELD_BROKER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr
+    assert "refused" in result.stdout and "%s 200" % urls[-1] in result.stdout
+    assert '{"' not in result.stderr and "old.example" not in result.stderr
+    assert result.stderr.splitlines()[-3:] == [
+        "agenshield-shim run: the broker refused example.com:443 (2 times): Host 'example.com' is not allowed "
+        "(the default policy allows loopback only)",
+        "agenshield-shim run: the broker refused api.example.org:8443: Host 'api.example.org' is not allowed "
+        "(the default policy allows loopback only)",
+        "agenshield-shim run: to let them through, run again with --allow example.com:443 --allow api.example.org:8443 "
+        "--allow 127.0.0.1",  # --allow replaces the loopback default, which the upstream needed
+    ]
+    assert len(audit.read_text().splitlines()) == 1 + 4  # the broker's audit went to the file
+
+
+def test_a_deny_rule_is_named_not_an_allow(agent: ShimEnv, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "allow"\n[[rules]]\nid = "no-example"\naction = "deny"\nhosts = ["example.com"]\n')
+    result = run_cmd(["--policy", str(policy), "--", agent.python, "-c", REACHES, "https://example.com/"],
+                     env={"AGENSHIELD_BROKER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "agenshield-shim run: the broker refused example.com:443 by deny rule 'no-example' of the policy: "
+        "Host 'example.com:443' denied by policy 'no-example'; --allow cannot override a deny rule: change the policy")
 
 
 def test_netns_sandbox(agent: ShimEnv, upstream, listener: Listener, tmp_path: Path) -> None:
@@ -143,3 +193,15 @@ def test_netns_sandbox(agent: ShimEnv, upstream, listener: Listener, tmp_path: P
                    env={"AGENSHIELD_BROKER_PORT": str(free_port())})
     assert bare.returncode == 0, bare.stdout + bare.stderr
     assert listener.settle() == 0
+
+
+def test_pip_refused_by_the_broker_says_why(agent: ShimEnv, tmp_path: Path) -> None:
+    """pip alone says only "No matching distribution found"; run's last lines name the refused index and the fix."""
+    result = run_cmd(["--", agent.python, "-m", "pip", "download", "-q", "--no-deps", "--retries", "0", "--timeout", "5",
+                      "-d", str(tmp_path / "dl"), "--index-url", "https://pypi.example.org/simple", "idna"],
+                     env={"AGENSHIELD_BROKER_PORT": str(free_port()), "PIP_CONFIG_FILE": "/dev/null"})
+    assert result.returncode != 0
+    refusal, allow = result.stderr.splitlines()[-2:]
+    assert refusal.startswith("agenshield-shim run: the broker refused pypi.example.org:443") and refusal.endswith(
+        ": Host 'pypi.example.org' is not allowed (the default policy allows loopback only)"), result.stderr
+    assert allow == "agenshield-shim run: to let it through, run again with --allow pypi.example.org:443"

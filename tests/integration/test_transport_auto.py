@@ -14,11 +14,11 @@ each request travelled: ``connect``/``forward`` entries for the tunnel, ``http_r
 import json
 import os
 import uuid
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 
-from .conftest import Listener, ShimEnv, skip_unless_local
+from .conftest import Listener, ShimEnv
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +53,12 @@ import httpx
 def httpx_get(url):
     with httpx.Client(verify=CA, timeout=10) as c:
         r = c.get(url)
+        r.raise_for_status()  # a refusal is a 403 naming AgenShield
         return [r.status_code, r.json()["query"]]
 async def httpx_aget(url):
     async with httpx.AsyncClient(verify=CA, timeout=10) as c:
         r = await c.get(url)
+        r.raise_for_status()
         return [r.status_code, r.json()["query"]]
 import aiohttp
 async def aiohttp_get(url):
@@ -111,15 +113,9 @@ def env(shim_env_factory: Any) -> ShimEnv:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, upstream: Any) -> Iterator[Any]:
-    from ..daemon import Daemon, DaemonUnavailable
-
-    try:
-        running = Daemon(tmp_path_factory.mktemp("daemon"), ca_file=str(upstream.ca_file))
-    except DaemonUnavailable as exc:
-        skip_unless_local(str(exc))
-    yield running
-    running.stop()
+def daemon(daemon_unix_broker: Any) -> Any:
+    """The session's daemon itself (``tests.daemon.Daemon``: ``port``, ``socket_path``, ``audit()``)."""
+    return daemon_unix_broker.daemon
 
 
 def run(env: ShimEnv, upstream: Any, broker_env: Dict[str, str], denied: Listener) -> Dict[str, Any]:
@@ -215,6 +211,11 @@ def test_selftest_and_log_say_which_transport_and_why(env: ShimEnv, daemon: Any,
     report = json.loads(result.stdout)
     assert report["transport"] == "rpc" and "auto" in report["transportReason"], report
     assert "serves /rpc only" in report["transportReason"]
+    assert report["success"] and report["routed"], report  # every installed library, end to end, by rpc
+    result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
+                     env=dict(daemon_env, AGENSHIELD_BROKER_SOCKET=daemon.socket_path), timeout=120)
+    report = json.loads(result.stdout)
+    assert report["success"] and report["transport"] == "rpc" and "Unix socket" in report["transportReason"], report
     result = env.run("import sys; from agenshield_shim.selftest import main; sys.exit(main(['--json']))",
                      env=broker.env, timeout=120)
     report = json.loads(result.stdout)

