@@ -535,13 +535,17 @@ BROKER_TROUBLE_SUITE = PRELUDE + textwrap.dedent(
         async with httpx.AsyncClient(verify=CTX, timeout=httpx.Timeout(1.0)) as c:
             for tag, base in (("http:", P["http_url"]), ("https:", P["https_url"])):
                 async def get(base=base):
-                    return (await c.get(base + "/echo")).status_code
+                    return checked(await c.get(base + "/echo"))
                 await rec("httpx_async:" + tag, get)
+
+    def checked(response):  # a refusal is the shim's 403 answer: raise_for_status() raises it
+        response.raise_for_status()
+        return response.status_code
 
     asyncio.run(aio())
     with httpx.Client(verify=CTX, timeout=httpx.Timeout(1.0)) as c:
         for tag, base in (("http:", P["http_url"]), ("https:", P["https_url"])):
-            rec_sync("httpx_sync:" + tag, lambda base=base: c.get(base + "/echo").status_code)
+            rec_sync("httpx_sync:" + tag, lambda base=base: checked(c.get(base + "/echo")))
     done()
     '''
 )

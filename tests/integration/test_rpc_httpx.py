@@ -513,7 +513,8 @@ def test_rpc_policy_refusal_names_the_rule(rpc_main_env: ShimEnv, deny_broker: A
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_daemon_refusal_names_its_reason(rpc_main_env: ShimEnv, upstream: Any, tcp_listener: Any, daemon: str, transport: str,
                                          request: pytest.FixtureRequest) -> None:
-    """The daemon's built-in policy refuses 127.0.0.2: httpx.ProxyError with its reason; nothing arrives."""
+    """The daemon's built-in policy refuses 127.0.0.2: the shim's 403 answer with its reason
+    (``raise_for_status`` raises ``HTTPStatusError``); nothing arrives."""
     broker = request.getfixturevalue(daemon)
     where = "%s:%d" % (tcp_listener.host, tcp_listener.port)
     mark = broker.mark()
@@ -522,7 +523,7 @@ def test_daemon_refusal_names_its_reason(rpc_main_env: ShimEnv, upstream: Any, t
     for lib in ("httpx_async", "httpx_sync"):
         for scheme in SCHEMES:
             entry = error(results, lib + ":" + scheme)
-            assert entry["error"] == "ProxyError", entry
+            assert entry["error"] == "HTTPStatusError", entry
             message = entry["message"]
             assert "AgenShield" in message and where in message and "Host '127.0.0.2' is not allowed" in message
             assert entry["elapsed"] < 2.0, entry
