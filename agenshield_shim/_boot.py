@@ -914,7 +914,7 @@ def boot() -> None:
     install(policy, _report, locked, inherited_environment(environ) if locked else frozenset())
     for module_name, hook in HOOKS:
         when_imported(module_name, hook)
-    set_proxy_environment(environ, policy[BROKER], _config_object.allow if _config_object is not None else ())
+    set_proxy_environment(environ, str(policy[BROKER]), _config_object.allow if _config_object is not None else ())
 
 
 def active_config() -> "Optional[Config]":

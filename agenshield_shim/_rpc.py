@@ -147,7 +147,8 @@ def broker_name(config: Config) -> str:
     return config.broker
 
 
-def _broker_key(config: Config) -> Tuple[Any, ...]:
+def broker_key(config: Config) -> Tuple[Any, ...]:
+    """What identifies one broker in this process's caches (its Unix socket, else its address)."""
     return ("unix", config.broker_socket) if config.broker_socket else ("tcp", config.broker_host, config.broker_port)
 
 
@@ -200,7 +201,7 @@ def capabilities(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TI
     broker that is down now may be up for the next request); ``url`` (the request that needed
     them) only names it in error messages.
     """
-    key = _broker_key(config)
+    key = broker_key(config)
     caps = _caps_cache.get(key)
     if caps is None:
         try:
@@ -216,7 +217,7 @@ def capabilities(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TI
 async def capabilities_async(config: Config, deadline_s: Optional[float] = BROKER_CONNECT_TIMEOUT_S,
                              url: Optional[str] = None) -> Capabilities:
     """:func:`capabilities` for asyncio code (shares the cache)."""
-    key = _broker_key(config)
+    key = broker_key(config)
     caps = _caps_cache.get(key)
     if caps is None:
         try:
@@ -241,7 +242,7 @@ def forget_capabilities(config: Optional[Config] = None) -> None:
         if config is None:
             _caps_cache.clear()
         else:
-            _caps_cache.pop(_broker_key(config), None)
+            _caps_cache.pop(broker_key(config), None)
 
 
 # -- building the request -------------------------------------------------------------------------

@@ -23,7 +23,10 @@ rpc for a Unix socket (both brokers speak JSON-RPC lines there), else the tunnel
 
 import threading
 
+from . import _rpc
 from ._config import Config
+from ._rpc import broker_key as _key
+from ._rpc import broker_name as _broker_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,12 +58,6 @@ class Choice:
 
 _probed: "Dict[Tuple[Any, ...], Choice]" = {}
 _lock = threading.Lock()
-
-
-def _key(config: Config) -> "Tuple[Any, ...]":
-    if config.broker_socket:
-        return ("unix", config.broker_socket)
-    return ("tcp", config.broker_host, config.broker_port)
 
 
 def chosen(config: Config) -> "Optional[Choice]":
@@ -136,12 +133,7 @@ def forget(config: "Optional[Config]" = None) -> None:
             _probed.pop(_key(config), None)
 
 
-def _broker_name(config: Config) -> str:
-    return "unix:" + config.broker_socket if config.broker_socket else config.broker
-
-
 def _probe(config: Config, deadline_s: "Optional[float]") -> "Optional[Choice]":
-    from . import _rpc
 
     deadline = _rpc.BROKER_CONNECT_TIMEOUT_S if deadline_s is None else min(deadline_s, _rpc.BROKER_CONNECT_TIMEOUT_S)
     try:

@@ -60,8 +60,8 @@ def split_target(target: str) -> Tuple[Optional[str], Optional[int]]:
         host, rest = text[1:end], text[end + 1:]
         return host.lower(), _port(rest[1:]) if rest.startswith(":") else None
     if text.count(":") == 1:
-        host, port = text.split(":")
-        return host.lower(), _port(port)
+        name, port_text = text.split(":")
+        return name.lower(), _port(port_text)
     return text.lower(), None
 
 

@@ -441,7 +441,7 @@ def refusal_lines(broker: Broker, user_audit: Optional[str], default_policy: boo
         reason, rule, count = refused.get(spec, (None, None, 0))
         refused[spec] = (reason or reason_of(entry), rule or (policy_id if isinstance(policy_id, str) else None),
                          count + 1)
-    lines = []
+    lines: List[str] = []
     allowable = []
     for spec, (reason, rule, count) in refused.items():
         if rule is None:

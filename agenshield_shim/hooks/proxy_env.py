@@ -38,9 +38,9 @@ def install(module: ModuleType) -> None:
     from .._boot import BROKER, HOOKS, active_policy
 
     policy = active_policy()
-    if policy is None or policy[BROKER].startswith("("):  # no broker known: nothing was set
+    if policy is None or str(policy[BROKER]).startswith("("):  # no broker known: nothing was set
         return
-    broker = "http://" + policy[BROKER]
+    broker = "http://" + str(policy[BROKER])
     routed = _routed_packages(HOOKS)
 
     @functools.wraps(original)
