@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 DAEMON_PACKAGE = "@agenshield/broker"
 DAEMON_VERSION = "0.7.2"
@@ -142,21 +142,32 @@ class Daemon:
         return "http://%s:%d" % (self.host, self.port)
 
     def audit(self, mark: int = 0) -> List[Dict[str, object]]:
-        try:
-            lines = Path(self.audit_file).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines[mark:] if line.strip()]
+        return read_audit(self.audit_file, mark)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, self._log)
+
+
+def read_audit(path: str, mark: int = 0) -> List[Dict[str, object]]:
+    """The entries of a broker's audit log (one JSON object a line) after the first ``mark``: the
+    reference broker's and the daemon's have one shape."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines[mark:] if line.strip()]
+
+
+def stop_process(proc: "subprocess.Popen[bytes]", log: Any) -> None:
+    """Terminate a broker's process (killed after 15 s) and close its log file."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
 
 
 if __name__ == "__main__":  # .ci/run: fetch once before the tests

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+from ..daemon import read_audit, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORTED = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 
@@ -327,7 +329,6 @@ def udp_listener() -> Iterator[Listener]:
 # .rpc_env .mark .audit .calls .connects .forwards .stop); its audit has the same shape.
 # A missing node/npm skips the daemon's tests on a developer's machine and fails them on CI.
 
-import json as _json
 import tempfile as _tempfile
 import time as _time
 from typing import TYPE_CHECKING
@@ -374,11 +375,7 @@ class AuditedBroker:
         return [e for e in self.audit(mark) if e.get("operation") == "http_request" and substring in str(e.get("target"))]
 
     def audit(self, mark: int = 0) -> List[Dict[str, object]]:
-        try:
-            lines = Path(self.audit_file).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [_json.loads(line) for line in lines[mark:] if line.strip()]
+        return read_audit(self.audit_file, mark)
 
     def connects(self, target: str, mark: int = 0) -> List[Dict[str, object]]:
         return [e for e in self.audit(mark) if e.get("operation") == "connect" and e.get("target") == target]
@@ -416,14 +413,7 @@ class BrokerHandle(AuditedBroker):
         self.pid = self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, self._log)
 
 
 @pytest.fixture(scope="session")
