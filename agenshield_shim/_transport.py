@@ -112,6 +112,13 @@ def probe(config: Config, deadline_s: "Optional[float]" = None) -> "Optional[Cho
     return choice
 
 
+def not_a_proxy(config: Config, deadline_s: "Optional[float]" = None) -> bool:
+    """Has the broker turned out not to tunnel? Asked (once, then remembered) on an answer that looks
+    like one that is not a proxy: a dropped ``CONNECT``, a 404 to a forwarded request."""
+    choice = probe(config, deadline_s)
+    return choice is not None and choice.transport != TUNNEL
+
+
 async def choose_async(config: Config, deadline_s: "Optional[float]" = None) -> str:
     """:func:`choose` for asyncio code: the probe runs in the loop's executor, once."""
     if config.transport != "auto":

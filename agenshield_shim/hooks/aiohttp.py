@@ -246,10 +246,9 @@ class _Router:
         return await self.refused(request_info, history, status, reason, headers)
 
     async def not_a_proxy(self) -> bool:
-        from .._transport import TUNNEL, probe
+        from .._transport import not_a_proxy
 
-        choice = await asyncio.get_running_loop().run_in_executor(None, probe, self.config)
-        return choice is not None and choice.transport != TUNNEL
+        return await asyncio.get_running_loop().run_in_executor(None, not_a_proxy, self.config)
 
     async def refused(self, request_info: Any, history: Any, status: Optional[int], reason: Any, headers: Any,
                       explained: Optional[str] = None) -> Exception:

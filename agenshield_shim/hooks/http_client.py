@@ -249,11 +249,10 @@ def _url_of(conn: Any) -> str:
 
 
 def _not_a_proxy(config: "Config", conn: Any) -> bool:
-    """Is the broker something that does not tunnel? (Asked only on a 404-like forwarded answer.)"""
-    from .._transport import TUNNEL, probe
+    """:func:`agenshield_shim._transport.not_a_proxy`, within the connection's timeout."""
+    from .._transport import not_a_proxy
 
-    choice = probe(config, conn.timeout if isinstance(conn.timeout, (int, float)) else None)
-    return choice is not None and choice.transport != TUNNEL
+    return not_a_proxy(config, conn.timeout if isinstance(conn.timeout, (int, float)) else None)
 
 
 def _wrap_connect(original: Callable[[Any], Any]) -> Callable[[Any], Any]:

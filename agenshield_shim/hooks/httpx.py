@@ -292,10 +292,9 @@ class _Errors:
         return "body"
 
     def not_a_proxy(self, request: Any) -> bool:
-        from .._transport import TUNNEL, probe
+        from .._transport import not_a_proxy
 
-        choice = probe(self.config, _connect_timeout(request))
-        return choice is not None and choice.transport != TUNNEL
+        return not_a_proxy(self.config, _connect_timeout(request))
 
     def not_a_proxy_error(self, request: Any, response: Any) -> Exception:
         from .._transport import not_a_proxy_message
