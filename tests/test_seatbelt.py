@@ -307,6 +307,7 @@ names = st.text(
 def test_any_path_is_quoted_or_refused(name: str, key: str) -> None:
     path = ROOT + "/" + name
     assume(os.path.normpath(path) == path)  # "." and ".." are normalised away, by design
+    assume(name not in ("ws", "benign"))  # the fixed workspace and the benign twin: a duplicate rule is dropped
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         kwargs: Any = {key: [path] if key.startswith("allow") else path}
         ws = kwargs.pop("workspace", ROOT + "/ws")
