@@ -300,8 +300,10 @@ NATIVE_NAMES = {
 
 @pytest.fixture
 def native_env(shim: ShimEnv, shim_env_factory: object) -> ShimEnv:
-    """The shim's venv of this Python with uvloop and pycurl (binary wheels: libuv and libcurl inside)."""
-    return shim_env_factory(shim.version, "uvloop", "pycurl")  # type: ignore[operator,no-any-return]
+    """The shim's venv of this Python with uvloop and pycurl, from their binary wheels (libuv and libcurl
+    inside): for 3.8 the newest pycurl is a source archive, which would need libcurl's headers."""
+    return shim_env_factory(shim.version, "uvloop", "pycurl",  # type: ignore[operator,no-any-return]
+                            pip_args=("--only-binary", "uvloop,pycurl"))
 
 
 def _need_tkinter(env: ShimEnv) -> None:
