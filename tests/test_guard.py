@@ -135,8 +135,10 @@ def test_dns_rules() -> None:
     for args in [(b"localhost", 6969, 0, 0, 0), (None, 80, 0, 0, 0), (b"93.184.216.34", 80, 0, 0, 0), (b"db.internal", 5432, 0, 0, 0)]:
         hook("socket.getaddrinfo", args)
     hook("socket.gethostbyname", (b"localhost",))
-    hook("socket.gethostbyaddr", (b"127.0.0.1",))
+    for host in (b"127.0.0.1", b"::1", b"localhost", b"db.internal"):  # reverse: these only
+        hook("socket.gethostbyaddr", (host,))
     hook("socket.getnameinfo", (("127.0.0.1", 80),))  # read as UTF-8 in C, no codec: a str is fine
+    hook("socket.getnameinfo", (("::1", 80, 0, 0),))
     # the same as str: C would convert them with the idna codec, which the guard cannot check
     for event, args in [("socket.getaddrinfo", ("localhost", 6969, 0, 0, 0)), ("socket.getaddrinfo", ("93.184.216.34", 80, 0, 0, 0)),
                         ("socket.gethostbyname", ("localhost",)), ("socket.gethostbyaddr", ("127.0.0.1",))]:

@@ -145,16 +145,16 @@ def shim(request: pytest.FixtureRequest, _envs: Dict[str, ShimEnv], wheel: Path,
 
 @pytest.fixture(scope="session")
 def shim_env_factory(tmp_path_factory: pytest.TempPathFactory, wheel: Path):
-    """``make(version, *requirements)``: a shim-installed venv with third-party packages, cached per session.
+    """``make(version, *requirements, pip_args=())``: a shim-installed venv with third-party packages, cached per session.
 
     The packages come from the package index, installed with the shim switched off for pip
     (pip itself would otherwise be refused the network). Use it for library versions:
-    ``make("3.11", "urllib3<2", "requests")``.
+    ``make("3.11", "urllib3<2", "requests")``; ``pip_args`` are pip's options (``--only-binary``, say).
     """
-    cache: Dict[Tuple[str, Tuple[str, ...]], ShimEnv] = {}
+    cache: Dict[Tuple[str, Tuple[str, ...], Tuple[str, ...]], ShimEnv] = {}
 
-    def make(version: str, *requirements: str) -> ShimEnv:
-        key = (version, tuple(sorted(requirements)))
+    def make(version: str, *requirements: str, pip_args: Tuple[str, ...] = ()) -> ShimEnv:
+        key = (version, tuple(sorted(requirements)), tuple(pip_args))
         if key not in cache:
             if version not in PYTHONS:
                 raise pytest.UsageError("no Python %s on this machine" % version)
@@ -162,7 +162,7 @@ def shim_env_factory(tmp_path_factory: pytest.TempPathFactory, wheel: Path):
             make_venv(PYTHONS[version], root)
             env = ShimEnv(version, root)
             result = subprocess.run(
-                [env.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel), *requirements],
+                [env.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pip_args, str(wheel), *requirements],
                 env=clean_env(AGENSHIELD_ENABLED="false"), capture_output=True, text=True, timeout=900,
             )
             assert result.returncode == 0, result.stdout + result.stderr

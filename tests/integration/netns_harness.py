@@ -1,6 +1,7 @@
 """Run one interpreter inside a fresh network namespace whose resolver is a counting fake DNS server.
 
-Used by test_guard_attacks.py as ``unshare -n -m sh -c '...' harness.py SPEC``: the namespace has
+Tests call :func:`run_beside` (test_guard_attacks.py, test_os_layer.py), which runs this file as
+``unshare -n -m sh -c '...' netns_harness.py SPEC``: the namespace has
 only loopback (brought up here), ``/etc/resolv.conf`` is bind-mounted (in the private mount
 namespace only) to ``nameserver 127.0.0.2``, and on 127.0.0.2 this script serves DNS on port 53
 (every A query answered with 127.0.0.2, so an unguarded attack connects too), a TCP listener and
@@ -11,14 +12,43 @@ Nothing outside the namespace can be reached or disturbed, so tests run side by 
 """
 
 import json
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any, Dict, List
 
 HOST = "127.0.0.2"
+
+
+def usable() -> bool:
+    """Whether ``unshare -n -m`` (root, or user namespaces) and ``ip`` work here."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    return subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True).returncode == 0
+
+
+def run_beside(argv: List[str], env: Dict[str, str], workdir: Path) -> Dict[str, Any]:
+    """From the test runner: run ``argv`` (+ HOST PORT UPORT) in a fresh namespace beside the servers.
+
+    Returns the report: ``queries`` (names asked of the resolver), ``tcp``, ``udp`` (what arrived),
+    ``returncode`` and ``output``. The caller checks :func:`usable` first.
+    """
+    resolv = workdir / "resolv.conf"
+    resolv.write_text("nameserver %s\noptions timeout:1 attempts:1\n" % HOST)
+    spec = workdir / "spec.json"
+    spec.write_text(json.dumps({"argv": argv, "env": env}))
+    script = 'ip link set lo up && mount --bind "$1" /etc/resolv.conf && exec "$2" "$3" "$4"'
+    result = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", script, "sh", str(resolv), sys.executable, __file__, str(spec)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _qname(packet: bytes) -> "tuple[str, int, int]":

