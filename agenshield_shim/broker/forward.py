@@ -17,7 +17,7 @@ A ``101 Switching Protocols`` answer (WebSocket over plain HTTP) turns the excha
 
 import asyncio
 import time
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .audit import AuditError
@@ -57,7 +57,7 @@ def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
     if not parts.hostname.isascii():  # a request target is ASCII (RFC 3986); no IDNA guesswork here
         raise HttpError(400, "non-ASCII host in request target")
     try:
-        host = canonical_host(parts.hostname)
+        host = _canonical_host(parts.hostname)
     except ValueError as exc:
         raise HttpError(400, str(exc)) from None
     port = port or _DEFAULT_PORT[scheme]
@@ -67,6 +67,21 @@ def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
     if parts.query:
         origin += "?" + parts.query
     return scheme, host, port, authority, origin
+
+
+_HOSTS: Dict[str, Host] = {}
+
+
+def _canonical_host(name: str) -> Host:
+    """``canonical_host``, remembered for up to 1,024 names: a client asks the same few hosts again
+    and again, and the answer depends on the name alone (refusals are not remembered)."""
+    host = _HOSTS.get(name)
+    if host is None:
+        host = canonical_host(name)
+        if len(_HOSTS) >= 1024:
+            _HOSTS.clear()
+        _HOSTS[name] = host
+    return host
 
 
 def _refusal(services: Services, status: int, text: str, kind: str, reason: Optional[str] = None) -> bytes:
