@@ -11,22 +11,38 @@ broker (the real CLI, in its own process, audit log to a temporary file):
 Every loop is bounded in count and time; the whole run takes well under two minutes.
 Options: ``--size-mb N`` (default 100), ``--rps-seconds S`` (default 3), ``--tunnels N`` (default 500),
 ``--repeat N`` (best of N downloads, default 3).
+
+``--vs-proxypy PYTHON`` (or ``auto``: a venv with proxy.py, a benchmark-only dependency, made once)
+runs instead this checkout's broker, ``--baseline REF`` 's broker (``git archive`` of a ref such as
+``main``, or a checkout directory) and proxy.py side by side, each in its own process in front of
+one upstream (nginx when installed, as in issue 15; else the aiohttp one), in ``--rounds``
+interleaved rounds: small keep-alive forwards (driven by wrk when installed) in req/s and broker
+CPU per request (the proxy's whole process tree, from ``/proc``), and bulk forward and ``CONNECT``
+downloads (``--repeat`` of them, each cut after ``--bulk-seconds``) in MB/s and CPU per MB. It
+prints medians with their spread and the ratios ours/proxy.py and ours/baseline, e.g.::
+
+    python benchmarks/broker.py --vs-proxypy auto --baseline main --rounds 7 --repeat 2
 """
 
 import argparse
 import asyncio
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 HOST = "127.0.0.1"
 
@@ -142,6 +158,33 @@ def download(mode: str, broker_port: int, up_port: int, size: int) -> float:
     return time.perf_counter() - t0
 
 
+def download_cut(mode: str, proxy_port: int, up_port: int, size: int, max_seconds: float) -> Tuple[int, float]:
+    """(bytes, seconds) of a ``size``-byte download (``tunnel`` or ``forward``), cut after
+    ``max_seconds``: a proxy that carries a few MB/s (proxy.py forwarding) would take minutes."""
+    t0 = time.perf_counter()
+    with socket.create_connection((HOST, proxy_port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        if mode == "tunnel":
+            s.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (HOST.encode(), up_port, HOST.encode(), up_port))
+            head, rest = _read_head(s)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            target = b"/big?n=%d" % size
+        else:
+            target = b"http://%s:%d/big?n=%d" % (HOST.encode(), up_port, size)
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (target, HOST.encode(), up_port))
+        head, rest = _read_head(s)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        got = len(rest)
+        view = memoryview(bytearray(1 << 20))
+        deadline = t0 + max_seconds
+        while got < size and time.perf_counter() < deadline:
+            n = s.recv_into(view)
+            if not n:
+                raise ConnectionError("short body: %d of %d" % (got, size))
+            got += n
+    return got, time.perf_counter() - t0
+
+
 async def keepalive_rps(port: int, target: bytes, seconds: float, conns: int) -> Tuple[float, int]:
     """Requests per second of ``conns`` keep-alive connections sending small GETs for ``seconds``."""
     deadline = time.perf_counter() + seconds
@@ -205,6 +248,102 @@ async def concurrent_tunnels(broker_port: int, up_port: int, count: int) -> Tupl
     return time.perf_counter() - t0, ok, setup[0]
 
 
+# -- side by side with proxy.py (--vs-proxypy) ---------------------------------------------------------
+
+
+def compare(args: argparse.Namespace) -> int:
+    """This checkout's broker, optionally ``--baseline``'s, and proxy.py, in interleaved rounds."""
+    import _sidebyside as sbs
+
+    tmp = Path(tempfile.mkdtemp(prefix="broker-vs-"))
+    size = args.size_mb * 1000 * 1000
+    procs: List["sbs.Proc"] = []
+    aio = None
+    try:
+        nginx = sbs.nginx_upstream(tmp / "nginx", size)
+        if nginx is not None:
+            procs.append(nginx)
+            up_port, upstream = nginx.port, "nginx"
+        else:
+            aio, up_port = start_upstream()
+            upstream = "aiohttp (no nginx installed)"
+        proxies = [sbs.broker("broker (this checkout)", ROOT, up_port, str(tmp / "audit-this.jsonl"))]
+        procs.append(proxies[0])
+        if args.baseline:
+            base = sbs.checkout(args.baseline, tmp / "baseline")
+            proxies.append(sbs.broker("broker (%s)" % args.baseline, base, up_port, str(tmp / "audit-base.jsonl")))
+            procs.append(proxies[-1])
+        python = sbs.proxypy_python(args.vs_proxypy, Path(args.cache))
+        proxies.append(sbs.proxypy(python, args.proxypy_workers))
+        procs.append(proxies[-1])
+        driver = "wrk" if shutil.which("wrk") else "asyncio client"
+        print("upstream %s on %s:%d, %d conns by %s, %d rounds, python %s, %d cores"
+              % (upstream, HOST, up_port, args.rps_conns, driver, args.rounds, sys.version.split()[0],
+                 os.cpu_count() or 0))
+        rps: Dict[str, List[float]] = {p.name: [] for p in proxies}
+        cpu_req: Dict[str, List[float]] = {p.name: [] for p in proxies}
+        fwd: Dict[str, List[float]] = {p.name: [] for p in proxies}
+        tun: Dict[str, List[float]] = {p.name: [] for p in proxies}
+        cpu_mb: Dict[str, List[float]] = {p.name: [] for p in proxies}
+        for r in range(args.rounds):
+            order = proxies[r % len(proxies):] + proxies[: r % len(proxies)]  # interleaved, rotating start
+            for p in order:
+                c0 = p.cpu()
+                got = sbs.wrk_rps(p.port, up_port, args.rps_seconds, args.rps_conns, tmp)
+                if got is None:
+                    target = b"http://%s:%d/small" % (HOST.encode(), up_port)
+                    got = asyncio.run(keepalive_rps(p.port, target, args.rps_seconds, args.rps_conns))
+                used = p.cpu() - c0
+                rps[p.name].append(got[0])
+                cpu_req[p.name].append(used / got[1] * 1e6)
+            if r < args.repeat:
+                for p in order:
+                    c0 = p.cpu()
+                    f_bytes, f_secs = download_cut("forward", p.port, up_port, size, args.bulk_seconds)
+                    t_bytes, t_secs = download_cut("tunnel", p.port, up_port, size, args.bulk_seconds)
+                    fwd[p.name].append(f_bytes / f_secs / 1e6)
+                    tun[p.name].append(t_bytes / t_secs / 1e6)
+                    cpu_mb[p.name].append((p.cpu() - c0) / ((f_bytes + t_bytes) / 1e6) * 1e6)
+        rows = [
+            ("small keep-alive forwards, req/s", rps, "%.0f", True),
+            ("  broker CPU per request, us", cpu_req, "%.0f", False),
+            ("%d MB forward download, MB/s" % args.size_mb, fwd, "%.0f", True),
+            ("%d MB CONNECT download, MB/s" % args.size_mb, tun, "%.0f", True),
+            ("  broker CPU per MB carried, us", cpu_mb, "%.0f", False),
+        ]
+        names = [p.name for p in proxies]
+        ours, other = names[0], names[-1]
+        width = max(len(r[0]) for r in rows)
+        cols = [max(len(n), 18) for n in names]
+        print()
+        print("%-*s  " % (width, "median (min-max)") + "  ".join("%*s" % (w, n) for w, n in zip(cols, names))
+              + "  ours/proxy.py" + ("  ours/baseline" if args.baseline else ""))
+        for label, data, fmt, _higher in rows:
+            cells = []
+            for w, n in zip(cols, names):
+                xs = data[n]
+                cell = (fmt % sbs.median(xs) + " (" + fmt % min(xs) + "-" + fmt % max(xs) + ")") if xs else "-"
+                cells.append("%*s" % (w, cell))
+            line = "%-*s  " % (width, label) + "  ".join(cells)
+            if data[ours] and data[other]:
+                line += "  %13.2f" % (sbs.median(data[ours]) / sbs.median(data[other]))
+            if args.baseline and data[ours] and data[names[1]]:
+                line += "  %13.2f" % (sbs.median(data[ours]) / sbs.median(data[names[1]]))
+            print(line)
+        print()
+        for p in proxies[:-1]:
+            audit = tmp / ("audit-this.jsonl" if p is proxies[0] else "audit-base.jsonl")
+            print("%s: %d audit lines" % (p.name, sum(1 for _ in open(audit))))
+        return 0
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if aio is not None:
+            aio.terminate()
+            aio.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- orchestration ------------------------------------------------------------------------------------
 
 
@@ -228,10 +367,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rps-seconds", type=float, default=3.0)
     ap.add_argument("--rps-conns", type=int, default=8)
     ap.add_argument("--tunnels", type=int, default=500)
+    ap.add_argument("--vs-proxypy", metavar="PYTHON", help="instead: side by side with proxy.py (a Python that has"
+                    " it, or 'auto' for a venv made once under --cache)")
+    ap.add_argument("--baseline", metavar="REF_OR_DIR", help="with --vs-proxypy: also this git ref's (or"
+                    " checkout's) broker, e.g. main")
+    ap.add_argument("--rounds", type=int, default=5, help="with --vs-proxypy: interleaved rounds of small requests")
+    ap.add_argument("--bulk-seconds", type=float, default=8.0, help="with --vs-proxypy: a download is cut after"
+                    " this long (its rate is what it carried)")
+    ap.add_argument("--proxypy-workers", type=int, help="proxy.py's --num-workers (default: its own, one per core)")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "agenshield-bench"),
+                    help="where --vs-proxypy auto keeps its venv")
     args = ap.parse_args(argv)
     if args.upstream:
         run_upstream()
         return 0
+    if args.vs_proxypy:
+        _raise_fd_limit()
+        return compare(args)
 
     from agenshield_shim.broker.runner import BrokerProcess
 

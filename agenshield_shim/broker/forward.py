@@ -17,13 +17,13 @@ A ``101 Switching Protocols`` answer (WebSocket over plain HTTP) turns the excha
 
 import asyncio
 import time
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .audit import AuditError
 from .context import AUDIT_TEXT, Conn, Services
 from .http1 import (
-    Headers, HttpError, IdleTimer, Sink, ProtocolError, RequestHead, ResponseHead, Stream, copy_chunked,
+    Headers, HttpError, Sink, ProtocolError, RequestHead, ResponseHead, Stream, copy_chunked,
     abort, copy_length, copy_until_eof, header_tokens, parse_response_head, render_response,
     request_framing, response_framing, writer_sink,
 )
@@ -32,7 +32,9 @@ from .policy import Decision, Target
 from .tunnel import pipe
 from .upstream import DENIED, NETWORK, Permit, UpstreamError, open_upstream
 
-_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade"}
+_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
+                  "trailer", "upgrade"))
+_HOP_RESPONSE = _HOP - {"trailer"}
 _DEFAULT_PORT = {"http": 80, "https": 443}
 MAX_RESPONSE_HEAD = 256 * 1024
 
@@ -55,7 +57,7 @@ def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
     if not parts.hostname.isascii():  # a request target is ASCII (RFC 3986); no IDNA guesswork here
         raise HttpError(400, "non-ASCII host in request target")
     try:
-        host = canonical_host(parts.hostname)
+        host = _canonical_host(parts.hostname)
     except ValueError as exc:
         raise HttpError(400, str(exc)) from None
     port = port or _DEFAULT_PORT[scheme]
@@ -65,6 +67,21 @@ def split_absolute(target: str) -> Tuple[str, Host, int, str, str]:
     if parts.query:
         origin += "?" + parts.query
     return scheme, host, port, authority, origin
+
+
+_HOSTS: Dict[str, Host] = {}
+
+
+def _canonical_host(name: str) -> Host:
+    """``canonical_host``, remembered for up to 1,024 names: a client asks the same few hosts again
+    and again, and the answer depends on the name alone (refusals are not remembered)."""
+    host = _HOSTS.get(name)
+    if host is None:
+        host = canonical_host(name)
+        if len(_HOSTS) >= 1024:
+            _HOSTS.clear()
+        _HOSTS[name] = host
+    return host
 
 
 def _refusal(services: Services, status: int, text: str, kind: str, reason: Optional[str] = None) -> bytes:
@@ -77,34 +94,38 @@ def _refusal(services: Services, status: int, text: str, kind: str, reason: Opti
     return render_response(status, text.encode(), headers, close=True)
 
 
-def _upstream_head(head: RequestHead, origin: str, authority: str, upgrade: bool) -> bytes:
-    drop = set(_HOP) | set(header_tokens(head.headers, "connection"))
+def _upstream_head(head: RequestHead, origin: str, authority: str, upgrade: bool, connection: List[str]) -> bytes:
+    """``connection``: the request's ``Connection`` tokens (the headers they name are dropped too)."""
+    drop = _HOP.union(connection) if connection else _HOP
     lines = ["%s %s HTTP/%d.%d" % (head.method, origin, head.version[0], head.version[1]), "Host: " + authority]
     for k, v in head.headers:
         lk = k.lower()
         if lk == "host" or (lk in drop and not (upgrade and lk == "upgrade")):
             continue
-        lines.append("%s: %s" % (k, v))
+        lines.append(k + ": " + v)
     if upgrade:
         lines.append("Connection: Upgrade")
     elif head.version == (1, 0):
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
 
 
-def _client_head(resp: ResponseHead, close: bool, upgrade: bool) -> bytes:
-    drop = set(_HOP) - {"trailer"} | set(header_tokens(resp.headers, "connection"))
+def _client_head(resp: ResponseHead, close: bool, upgrade: bool, connection: List[str]) -> bytes:
+    """``connection``: the response's ``Connection`` tokens (the headers they name are dropped too)."""
+    drop = _HOP_RESPONSE.union(connection) if connection else _HOP_RESPONSE
     lines = [resp.raw_status_line]
     for k, v in resp.headers:
         lk = k.lower()
         if lk in drop and not (upgrade and lk == "upgrade"):
             continue
-        lines.append("%s: %s" % (k, v))
+        lines.append(k + ": " + v)
     if upgrade:
         lines.append("Connection: Upgrade")
     elif close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def _clean(up: Stream) -> bool:
@@ -119,8 +140,7 @@ async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int], ho
                    permit: Optional[Permit]) -> Tuple[Stream, bool]:
     """The kept upstream for ``key`` if alive and clean (second item ``True``), else a new connection."""
     if conn.upstream_key == key and conn.upstream is not None and _clean(conn.upstream):
-        peer = conn.upstream.writer.get_extra_info("peername")
-        why = permit(str(canonical_ip(str(peer[0])))) if permit is not None and peer else None
+        why = permit(conn.upstream_ip) if permit is not None and conn.upstream_ip else None
         if why is not None:  # this request's method or path meets a deny rule for that address
             raise UpstreamError(DENIED, why)
         return conn.upstream, True
@@ -131,6 +151,8 @@ async def _connect(services: Services, conn: Conn, key: Tuple[str, str, int], ho
                                permit=permit)
     services.upstreams.add(w)
     conn.upstream, conn.upstream_key = Stream(r, w), key
+    peer = w.get_extra_info("peername")
+    conn.upstream_ip = str(canonical_ip(str(peer[0]))) if peer else None
     return conn.upstream, False
 
 
@@ -150,10 +172,11 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         await cw.drain()
         return False
     framing = request_framing(head.headers)
-    upgrade = "upgrade" in header_tokens(head.headers, "connection") and head.get("upgrade") is not None
+    connection = header_tokens(head.headers, "connection")
+    upgrade = "upgrade" in connection and head.get("upgrade") is not None
     key = (scheme, host.text, port)
-    permit = services.permit(target)
-    up_head = _upstream_head(head, origin, authority, upgrade)
+    permit = services.permit(target, address=host.ip is not None)
+    up_head = _upstream_head(head, origin, authority, upgrade, connection)
     if services.audit_blocked(conn, "forward", shown, started, method=head.method):
         cw.write(_refusal(services, 503, AUDIT_TEXT, "audit-failed"))
         await cw.drain()
@@ -181,7 +204,8 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
             cw.write(_refusal(services, 502, "Proxy error", exc.kind))
             await cw.drain()
             return False
-        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, reused and attempt == 0, record)
+        result = await _exchange(services, conn, head, up, up_head, framing, upgrade, "close" in connection,
+                                 reused and attempt == 0, record)
         if result == "retry":
             conn.drop_upstream(services)
             continue
@@ -229,11 +253,15 @@ async def _exchange(
     up_head: bytes,
     framing: Tuple[str, int],
     upgrade: bool,
+    client_close: bool,
     may_retry: bool,
     record: Callable[[int], None],
 ) -> Union[Tuple[int, bool], str, UpstreamError, HttpError, AuditError]:
     """One request/response on ``up``: ``(status, keep_client)``, ``"retry"``, an UpstreamError, or
-    an HttpError when the client's request body was malformed."""
+    an HttpError when the client's request body was malformed.
+
+    Small exchanges take one send each way: a head goes out with the part of its body already
+    read (up to its ``Content-Length``), not in a send of its own."""
     client = conn.stream
     cw, uw = client.writer, up.writer
     sent_head = False
@@ -243,11 +271,18 @@ async def _exchange(
         if sent_head:  # mid-body: nothing more can be said to the client
             abort(cw)
 
-    timer = IdleTimer(services.config.idle_timeout, on_idle)
+    timer = conn.timer
+    timer.start(services.config.idle_timeout, on_idle)
     touch = timer.touch
     to_up = writer_sink(uw, touch)
     to_client = writer_sink(cw, touch)
     body_task: Optional["asyncio.Future[None]"] = None
+    body = framing
+    if framing[0] == "length" and client.buf:  # what the client sent with its head goes with ours
+        n = min(framing[1], len(client.buf))
+        up_head += client.buf[:n]
+        del client.buf[:n]
+        body = ("length", framing[1] - n)
     try:
         try:
             uw.write(up_head)
@@ -255,8 +290,8 @@ async def _exchange(
         except (ConnectionError, OSError):
             return "retry" if may_retry and framing[0] == "none" else UpstreamError(NETWORK, "upstream closed")
 
-        if framing[0] != "none":
-            body_task = asyncio.ensure_future(_send_body(client, to_up, framing))
+        if body[0] == "chunked" or body[1] > 0:
+            body_task = asyncio.ensure_future(_send_body(client, to_up, body))
         while True:
             raw = await _response_head(up, body_task)
             touch()
@@ -269,12 +304,12 @@ async def _exchange(
             resp = parse_response_head(raw)
             if resp.status == 101 and upgrade:
                 record(resp.status)
-                cw.write(_client_head(resp, close=False, upgrade=True))
+                cw.write(_client_head(resp, False, True, header_tokens(resp.headers, "connection")))
                 sent_head = True
                 await cw.drain()
-                timer.cancel()
+                timer.stop()
                 services.upstreams.discard(uw)
-                conn.upstream, conn.upstream_key = None, None
+                conn.upstream, conn.upstream_key, conn.upstream_ip = None, None, None
                 await pipe(services, client, up, services.config.idle_timeout)
                 return resp.status, False
             if 100 <= resp.status < 200:
@@ -286,15 +321,22 @@ async def _exchange(
         body_done = body_task is None or body_task.done()
         keep_client = (
             head.version == (1, 1)
-            and "close" not in header_tokens(head.headers, "connection")
+            and not client_close
             and rframing[0] != "close"
             and body_done
         )
         record(resp.status)
-        cw.write(_client_head(resp, close=not keep_client, upgrade=False))
-        sent_head = True
+        resp_connection = header_tokens(resp.headers, "connection")
+        out = _client_head(resp, not keep_client, False, resp_connection)
         kind, n = rframing
-        if kind == "length":
+        if kind in ("length", "close") and up.buf:  # the body read with the head goes with it
+            first = len(up.buf) if kind == "close" else min(n, len(up.buf))
+            out += up.buf[:first]
+            del up.buf[:first]
+            n -= first
+        cw.write(out)
+        sent_head = True
+        if kind == "length" and n > 0:
             await copy_length(up, to_client, n)
         elif kind == "chunked":
             await copy_chunked(up, to_client)
@@ -307,10 +349,7 @@ async def _exchange(
             body_task.cancel()
         elif body_task is not None and body_task.exception() is not None:
             keep_client = False
-        keep_up = (
-            keep_client and resp.version == (1, 1) and kind != "close"
-            and "close" not in header_tokens(resp.headers, "connection")
-        )
+        keep_up = keep_client and resp.version == (1, 1) and kind != "close" and "close" not in resp_connection
         if not keep_up:
             conn.drop_upstream(services)
         return resp.status, keep_client
@@ -330,7 +369,7 @@ async def _exchange(
             return UpstreamError(NETWORK, str(exc))
         return UpstreamError(NETWORK, "upstream failed: %s" % (exc,))
     finally:
-        timer.cancel()
+        timer.stop()
         if body_task is not None:
             if not body_task.done():
                 body_task.cancel()

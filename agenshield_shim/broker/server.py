@@ -398,7 +398,7 @@ class Broker:
         except asyncio.CancelledError:
             pass
         finally:
-            conn.drop_upstream(services)
+            conn.release(services)
             if self._closing:
                 abort(writer)
             else:
@@ -416,8 +416,9 @@ class Broker:
         while not self._closing:
             conn.busy = False
             try:
-                raw = await stream.read_head(
-                    cfg.max_head_size, cfg.head_timeout if first else keepalive, cfg.head_timeout)
+                if not await conn.wait_request(cfg.head_timeout if first else keepalive):
+                    return
+                raw = await stream.read_head(cfg.max_head_size, cfg.head_timeout, cfg.head_timeout)
                 if raw is None:
                     return
                 conn.busy = True
