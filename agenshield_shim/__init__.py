@@ -15,6 +15,7 @@ __all__ = [
     "NetworkBlockedError",
     "PythonPatcher",
     "ShimConfigError",
+    "TunnelOnlyError",
     "__version__",
     "generate_python_wrapper",
     "generate_sandbox_profile",
@@ -41,6 +42,7 @@ class NetworkBlockedError(ConnectionRefusedError):
 
 _LAZY = {
     "ShimConfigError": "agenshield_shim._config",
+    "TunnelOnlyError": "agenshield_shim.errors",
     "PythonPatcher": "agenshield_shim.api",
     "generate_python_wrapper": "agenshield_shim.api",
     "generate_sandbox_profile": "agenshield_shim.api",

@@ -819,7 +819,7 @@ def no_proxy_value(allow: "Tuple[Tuple[str, int], ...]") -> str:
     Python's libraries (urllib, requests, httpx) then reach them directly, as they did before the
     proxy variables; a program that ignores ports in NO_PROXY (curl) sends them to the broker.
     """
-    return ",".join(("[%s]:%d" if ":" in host else "%s:%d") % (host, port) for host, port in allow)
+    return ",".join(format_destination(host, port) for host, port in allow)
 
 
 def set_proxy_environment(environ: "Any", broker: str, allow: "Tuple[Tuple[str, int], ...]" = ()) -> None:

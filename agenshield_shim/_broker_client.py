@@ -31,12 +31,6 @@ def connect_unix(path: str, timeout: "Optional[float]", kind: "Any" = None) -> "
     return sock
 
 
-def broker_url(host: str, port: int) -> str:
-    """The broker as a proxy URL (IPv6 literals in brackets)."""
-    shown = "[%s]" % host if ":" in host and not host.startswith("[") else host
-    return "http://%s:%d" % (shown, port)
-
-
 def policy_check_request(host: str, target: str) -> bytes:
     """The raw ``POST /rpc`` asking the broker why ``target`` is refused (ASCII JSON, one write)."""
     import json

@@ -34,6 +34,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from . import NetworkBlockedError
 from ._broker_client import connect_unix
 from ._config import Config
+from .authority import authority
+from .errors import TunnelOnlyError
 
 RPC_PATH = "/rpc"
 EXT_BODY_BASE64 = "body-base64"
@@ -109,7 +111,12 @@ class RpcBrokerConnectTimeout(RpcBrokerUnavailable, TimeoutError):
     """Connecting to the broker took longer than the connect timeout."""
 
 
-class RpcBodyError(RpcError):
+class RpcTunnelOnly(RpcError, TunnelOnlyError):
+    """What only the tunnel transport can carry (an upgrade, ``CONNECT``, a pinned certificate, a body);
+    also the shared :class:`~agenshield_shim.errors.TunnelOnlyError`."""
+
+
+class RpcBodyError(RpcTunnelOnly):
     """A body the broker cannot carry intact (no ``body-base64``); the message names the tunnel."""
 
 
@@ -385,8 +392,7 @@ def encode_call(rpc_method: str, params: Optional[Dict[str, Any]], host_header: 
 def _host_header(config: Config) -> str:
     if config.broker_socket:
         return "localhost"
-    host = config.broker_host
-    return "%s:%d" % ("[%s]" % host if ":" in host else host, config.broker_port)
+    return authority(config.broker_host, config.broker_port)
 
 
 # -- reading the broker's HTTP answer -------------------------------------------------------------

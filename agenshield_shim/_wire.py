@@ -16,6 +16,7 @@ Like :mod:`agenshield_shim._rpc`, it knows no HTTP library and imports none.
 import re
 from typing import Iterable, List, Optional, Tuple
 
+from . import errors
 from ._rpc import RpcProtocolError, RpcResponse
 
 #: Largest request head accepted from the library (http.client itself allows 100 header lines).
@@ -42,7 +43,7 @@ class WireError(ValueError):
     """The library wrote something that is not one HTTP/1.1 request (or not one the rpc transport can carry)."""
 
 
-class TunnelOnlyError(WireError):
+class TunnelOnlyError(WireError, errors.TunnelOnlyError):
     """A request only a tunnel can carry: an upgrade (websocket), ``CONNECT``."""
 
 
@@ -235,13 +236,6 @@ class RequestAssembler:
         self._done.append(WireRequest(method, target, version, headers, bytes(self._body)))
         self._head, self._need, self._chunked, self._continue = None, None, False, False
         self._body = bytearray()
-
-
-def origin_authority(scheme: str, host: str, port: int) -> str:
-    """``host[:port]`` for a URL: IPv6 in brackets, the scheme's default port left out."""
-    host = host.strip("[]")
-    shown = "[%s]" % host if ":" in host else host
-    return shown if int(port) == (443 if scheme == "https" else 80) else "%s:%d" % (shown, int(port))
 
 
 def body_allowed(method: str, status: int) -> bool:

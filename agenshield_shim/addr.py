@@ -30,6 +30,8 @@ import ipaddress
 import re
 from typing import List, NamedTuple, Optional, Union
 
+from .authority import bracketed
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -47,7 +49,7 @@ class Host(NamedTuple):
     @property
     def authority_host(self) -> str:
         """The host as written in a URL or ``Host`` header (IPv6 in brackets)."""
-        return "[%s]" % self.text if self.ip is not None and self.ip.version == 6 else self.text
+        return bracketed(self.text)  # canonical: only an IPv6 address has a ":"
 
 
 def canonical_ip(value: str) -> Optional[IPAddress]:

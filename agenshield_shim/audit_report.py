@@ -24,6 +24,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from .authority import authority
 from .cli_args import Parser, usage_error
 
 PROG = "agenshield-shim audit"
@@ -69,12 +70,6 @@ def _port(text: str) -> Optional[int]:
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
-def destination(host: str, port: Optional[int]) -> str:
-    """``host:port`` as people write it (brackets around IPv6), or the host alone."""
-    shown = "[%s]" % host if ":" in host else host
-    return shown if port is None else "%s:%d" % (shown, port)
-
-
 def reason_of(entry: Dict[str, Any]) -> Optional[str]:
     """The refusal's reason, wherever its writer put it (broker and shim: metadata; daemon: errorMessage)."""
     meta = entry.get("metadata")
@@ -118,7 +113,7 @@ def summarise(entries: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows: Dict[str, Dict[str, Any]] = {}
     for entry in entries:
         host, port = split_target(entry["target"])
-        key = destination(host, port) if host is not None else entry["target"]
+        key = authority(host, port) if host is not None else entry["target"]
         row = rows.get(key)
         if row is None:
             row = rows[key] = {"destination": key, "host": host, "port": port, "count": 0, "allowed": 0,

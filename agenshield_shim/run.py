@@ -40,6 +40,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from .authority import authority, bracketed
 from .cli_args import POLICY_EPILOG, Parser, check_input_file, check_output_file, shown
 from ._config import (
     DEFAULT_BROKER_HOST, DEFAULT_BROKER_PORT, ENV_BROKER_HOST, ENV_BROKER_PORT, ENV_BROKER_SOCKET, ShimConfigError,
@@ -329,12 +330,12 @@ def child_env(broker: Broker) -> Dict[str, str]:
     (curl, git, npm, a shell), so run sets them too. Under ``--sandbox netns`` the same address is
     the relay's, inside the namespace.
     """
-    from ._boot import NO_PROXY_VARIABLES, format_destination, proxy_environment
+    from ._boot import NO_PROXY_VARIABLES, proxy_environment
 
     env = {k: v for k, v in os.environ.items() if k != "AGENSHIELD_ENABLED" and k not in NO_PROXY_VARIABLES}
     env[ENV_BROKER_HOST] = broker.host
     env[ENV_BROKER_PORT] = str(broker.port)
-    env.update(proxy_environment(format_destination(broker.host, broker.port)))
+    env.update(proxy_environment(authority(broker.host, broker.port)))
     return env
 
 
@@ -437,7 +438,7 @@ def refusal_lines(broker: Broker, user_audit: Optional[str], default_policy: boo
             continue
         if host is None:
             continue
-        spec = ("[%s]" % host if ":" in host else host) + ("" if port is None else ":%d" % port)
+        spec = authority(host, port)
         reason, rule, count = refused.get(spec, (None, None, 0))
         refused[spec] = (reason or reason_of(entry), rule or (policy_id if isinstance(policy_id, str) else None),
                          count + 1)
@@ -464,7 +465,7 @@ def refusal_lines(broker: Broker, user_audit: Optional[str], default_policy: boo
     if allowable:
         flags = " ".join("--allow %s" % shlex.quote(spec) for spec in allowable)
         if default_policy:  # --allow replaces the loopback default: keep what COMMAND reached through it
-            flags += "".join(" --allow %s" % shlex.quote("[%s]" % h if ":" in h else h) for h in loopback)
+            flags += "".join(" --allow %s" % shlex.quote(bracketed(h)) for h in loopback)
         lines.append("to let %s through, run again with %s" % ("it" if len(allowable) == 1 else "them", flags))
     return lines
 

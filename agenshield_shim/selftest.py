@@ -571,27 +571,29 @@ def check_library(name: str, shim: ShimState, upstream: Optional[Upstream], brok
 HOOK, PROXY_ENV, NATIVE, NONE = "hook", "proxy environment", "native", "none"
 
 #: HTTP stacks looked up by distribution (``importlib.metadata``: nothing is imported), in order:
-#: (distribution, import name, the modules whose hook routes it, how it goes without a hook, the
-#: oldest major version that can be routed, a note). Whether a hook routes it is read from
-#: ``agenshield_shim._boot.HOOKS`` at run time, never assumed: a stack is hooked when the table
-#: registers one of its modules (or any module of its import name).
+#: (distribution, import name, the modules whose hook routes it, how it goes without a hook, a
+#: note). Whether a hook routes it is read from ``agenshield_shim._boot.HOOKS`` at run time, never
+#: assumed: a stack is hooked when the table registers one of its modules (or any module of its
+#: import name); which releases the hook is for is read from that hook module's ``VERSIONS``.
 STACKS = (
-    ("urllib3", "urllib3", ("http.client",), NONE, 0, ""),
-    ("requests", "requests", ("http.client",), NONE, 0, ""),
-    ("httpx", "httpx", ("httpx",), PROXY_ENV, 0, ""),
-    ("aiohttp", "aiohttp", ("aiohttp",), NONE, 0, "its trust_env is off by default"),
-    ("httpx2", "httpx2", ("httpx2",), PROXY_ENV, 0, ""),
-    ("websockets", "websockets", ("websockets.asyncio.client", "websockets.sync.client"), PROXY_ENV, 15,
-     "proxy support came with websockets 15"),
-    ("niquests", "niquests", (), PROXY_ENV, 0, ""),
-    ("httplib2", "httplib2", (), PROXY_ENV, 0, ""),
-    ("tornado", "tornado", (), NONE, 0, "its default HTTP client has no proxy support"),
-    ("pycurl", "pycurl", (), NATIVE, 0, "libcurl"),
-    ("curl_cffi", "curl_cffi", (), NATIVE, 0, "libcurl (curl-impersonate)"),
-    ("grpcio", "grpc", (), NATIVE, 0, "gRPC's C core"),
+    ("urllib3", "urllib3", ("http.client",), NONE, ""),
+    ("requests", "requests", ("http.client",), NONE, ""),
+    ("httpx", "httpx", ("httpx",), PROXY_ENV, ""),
+    ("aiohttp", "aiohttp", ("aiohttp",), NONE, "its trust_env is off by default"),
+    ("httpx2", "httpx2", ("httpx2",), PROXY_ENV, ""),
+    ("websockets", "websockets", ("websockets.asyncio.client", "websockets.sync.client"), PROXY_ENV, ""),
+    ("niquests", "niquests", (), PROXY_ENV, ""),
+    ("httplib2", "httplib2", (), PROXY_ENV, ""),
+    ("tornado", "tornado", (), NONE, "its default HTTP client has no proxy support"),
+    ("pycurl", "pycurl", (), NATIVE, "libcurl"),
+    ("curl_cffi", "curl_cffi", (), NATIVE, "libcurl (curl-impersonate)"),
+    ("grpcio", "grpc", (), NATIVE, "gRPC's C core"),
 )
 #: Checked (and reported "not installed") as before this listing existed.
 ALWAYS_LISTED = ("urllib3", "requests", "httpx", "aiohttp")
+
+#: (oldest, newest tested or None, why older releases are not routed or None): a hook's ``VERSIONS`` entry.
+Versions = Tuple[str, Optional[str], Optional[str]]
 
 
 def installed_version(distribution: str) -> Optional[str]:
@@ -612,40 +614,97 @@ def hooked_modules() -> List[str]:
     return [name for name, _ in getattr(boot, "HOOKS", ())]
 
 
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+def hook_versions() -> Dict[str, Versions]:
+    """Distribution -> its :data:`Versions`, from the ``VERSIONS`` of every hook module ``_boot.HOOKS``
+    names (importing a hook module installs nothing); empty for a shim whose hooks have none."""
+    import importlib
+
+    boot = sys.modules.get("agenshield_shim._boot")
+    found: Dict[str, Versions] = {}
+    for _, spec in getattr(boot, "HOOKS", ()):
+        name = spec.partition(":")[0] if isinstance(spec, str) else getattr(spec, "__module__", "")
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a hook that cannot load is reported by its own check
+            continue
+        for entry in getattr(module, "VERSIONS", ()):
+            found.setdefault(entry[0], (entry[1], entry[2], entry[3]))
+    return found
 
 
-def classify(import_name: str, via: Tuple[str, ...], otherwise: str, version: str, oldest: int,
-             hooked: List[str]) -> str:
+def release(version: str, length: int = 3) -> Tuple[int, ...]:
+    """``3.14.1`` as ``(3, 14, 1)``, cut to ``length`` parts; a part that is not a number ends it."""
+    parts: List[int] = []
+    for part in version.split(".")[:length]:
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(parts)
+
+
+def before(version: str, bound: str) -> bool:
+    """Is ``version`` older than the release ``bound`` (``3.9``, ``15``) names?"""
+    return release(version) < release(bound)
+
+
+def after(version: str, bound: str) -> bool:
+    """Is ``version`` newer than every release ``bound`` (``3.14``, ``2.x``) covers?"""
+    cut = release(bound)
+    return release(version, len(cut)) > cut
+
+
+def range_text(distribution: str, versions: Versions) -> str:
+    """``aiohttp 3.9 to 3.14``, ``websockets 15 and later``: how the README states a hook's range."""
+    oldest, newest, _ = versions
+    return "%s %s %s" % (distribution, oldest, "and later" if newest is None else "to " + newest)
+
+
+def classify(import_name: str, via: Tuple[str, ...], otherwise: str, version: str,
+             versions: Optional[Versions], hooked: List[str]) -> str:
     """HOOK, PROXY_ENV, NATIVE or NONE for one installed stack."""
     if otherwise == NATIVE:
         return NATIVE
-    if _major(version) < oldest:
-        return NONE
+    if versions is not None and versions[2] is not None and before(version, versions[0]):
+        return NONE  # the hook routes nothing of a release this old
     if any(name in via or name.split(".", 1)[0] == import_name for name in hooked):
         return HOOK
     return otherwise
 
 
 def check_stack(entry: Tuple[Any, ...], shim: ShimState, upstream: Optional[Upstream], broker_ok: bool,
-                hooked: List[str]) -> Optional[Check]:
+                hooked: List[str], versions: Optional[Dict[str, Versions]] = None) -> Optional[Check]:
     """One line for an installed stack: how it is routed, checked end to end where it is routed."""
-    distribution, import_name, via, otherwise, oldest, note = entry
+    distribution, import_name, via, otherwise, note = entry
     version = installed_version(distribution)
     label = "routed: " + distribution
     if version is None:
         return Check(label, SKIP, "not installed") if distribution in ALWAYS_LISTED else None
-    how = classify(import_name, via, otherwise, version, oldest, hooked)
+    supported = (versions or {}).get(distribution)
+    how = classify(import_name, via, otherwise, version, supported, hooked)
     named = "%s %s" % (distribution, version)
     if how == NATIVE:
         return Check(label, WARN, "not routed: %s is native code (%s): its connections are not seen by the guard; "
                                   "it may follow the proxy variables, and only --sandbox netns confines it" % (named, note))
     if how == NONE:
-        why = note if note and (oldest == 0 or _major(version) < oldest) else "no hook, and it does not use the proxy variables"
+        if supported is not None and supported[2] is not None and before(version, supported[0]):
+            why = supported[2]
+        else:
+            why = note or "no hook, and it does not use the proxy variables"
         return Check(label, FAIL, "not routed: %s (%s): the guard refuses its connections, so its requests fail"
                                   % (named, why))
+    untested = ""
+    if how == HOOK and supported is not None:
+        oldest, newest, _ = supported
+        if before(version, oldest) or (newest is not None and after(version, newest)):
+            untested = "; untested: the hook is for %s" % range_text(distribution, supported)
+    named += untested
     if how == PROXY_ENV:
         problem = _proxy_environment_problem(shim)
         if problem is not None:
@@ -657,6 +716,8 @@ def check_stack(entry: Tuple[Any, ...], shim: ShimState, upstream: Optional[Upst
         return Check(label, PASS, "by a hook (%s); not checked end to end here" % named)
     check = check_library(distribution, shim, upstream, broker_ok)
     check.detail = "%s: %s" % ("by a hook" if how == HOOK else "through the proxy environment", check.detail)
+    if untested:
+        check.detail += " (%s %s%s)" % (distribution, version, untested)
     return check
 
 
@@ -845,9 +906,9 @@ def run(verify: bool = False, fallback_host: str = "localhost", fallback_port: i
         else:
             for name in ("http.client", "urllib.request"):
                 add(check_library(name, shim, upstream, broker_ok))
-            hooked = hooked_modules()
+            hooked, versions = hooked_modules(), hook_versions()
             for entry in STACKS:
-                check = check_stack(entry, shim, upstream, broker_ok, hooked)
+                check = check_stack(entry, shim, upstream, broker_ok, hooked, versions)
                 if check is not None:
                     add(check)
     finally:

@@ -27,7 +27,8 @@ import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
-from ._boot import NO_PROXY_VARIABLES, PROXY_VARIABLES, format_destination, proxy_environment
+from ._boot import NO_PROXY_VARIABLES, PROXY_VARIABLES, proxy_environment
+from .authority import authority
 from .cli_args import Parser, check_directory, first_problem, port as _port_type
 from ._config import (
     DEFAULT_BROKER_HOST,
@@ -215,7 +216,7 @@ def generate_python_wrapper(
     variables += sorted(extra.items())
     # What the guarded Python sets for itself at boot, written here too, so that the script says
     # what its children get (inside the namespace, the address is the relay's).
-    variables += sorted(proxy_environment(format_destination(host.strip("[]"), broker_port)).items())
+    variables += sorted(proxy_environment(authority(host, broker_port)).items())
     lines = [
         "#!/bin/sh",
         MARKER,

@@ -20,7 +20,6 @@ from agenshield_shim._wire import (
     TunnelOnlyError,
     WireError,
     end_to_end_headers,
-    origin_authority,
     response_bytes,
 )
 
@@ -229,11 +228,3 @@ def test_expect_continue_is_reported_once_while_the_body_is_awaited() -> None:
     # no body to wait for
     assembler.feed(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
     assert not assembler.take_continue() and assembler.pop() is not None
-
-
-@pytest.mark.parametrize("scheme, host, port, expected", [
-    ("https", "h.test", 443, "h.test"), ("http", "h.test", 80, "h.test"), ("https", "h.test", 80, "h.test:80"),
-    ("http", "::1", 8080, "[::1]:8080"), ("https", "[::1]", 443, "[::1]"),
-])
-def test_origin_authority(scheme: str, host: str, port: int, expected: str) -> None:
-    assert origin_authority(scheme, host, port) == expected

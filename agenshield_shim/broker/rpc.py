@@ -48,6 +48,7 @@ import yarl
 
 from .. import __version__
 from ..addr import Host, IPAddress, canonical_host
+from ..authority import bracketed
 from .audit import AuditError
 from .context import AUDIT_TEXT, Conn, Services
 from .policy import Decision, Target
@@ -144,7 +145,7 @@ class _Url(NamedTuple):
 
     def request_url(self, ip: IPAddress) -> yarl.URL:
         """The URL aiohttp is given: the chosen address itself, so aiohttp resolves nothing."""
-        shown = "[%s]" % ip if ip.version == 6 else str(ip)
+        shown = bracketed(str(ip))
         return yarl.URL("%s://%s%s:%d%s" % (self.target.scheme, self.userinfo, shown, self.target.port or 0,
                                             self.origin), encoded=True)
 

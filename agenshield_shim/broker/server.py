@@ -26,6 +26,7 @@ import stat
 import sys
 from typing import Any, Dict, List, Optional, Set, TextIO, Tuple
 
+from ..authority import authority, proxy_url
 from .access import caller_allowed
 from .audit import AuditLog
 from .config import BrokerConfig
@@ -127,7 +128,7 @@ class Broker:
     @property
     def url(self) -> str:
         host, port = self.address
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        return proxy_url(host, port)
 
     @property
     def unix_path(self) -> Optional[str]:
@@ -180,8 +181,7 @@ class Broker:
 
     def listening_lines(self) -> List[str]:
         """The ``agenshield broker listening on ...`` lines the CLI prints (one per listener)."""
-        lines = ["agenshield broker listening on http://%s:%d" % ("[%s]" % h if ":" in h else h, p)
-                 for h, p in self._tcp_addresses]
+        lines = ["agenshield broker listening on " + proxy_url(h, p) for h, p in self._tcp_addresses]
         if self.config.unix:
             lines.append("agenshield broker listening on unix:%s" % self.config.unix)
         return lines
@@ -284,7 +284,7 @@ class Broker:
         self._listen_on(sock, "socket")
 
     def _write_ready_file(self, path: str) -> None:
-        lines = ["%s:%d" % ("[%s]" % h if ":" in h else h, p) for h, p in self._tcp_addresses[:1]]
+        lines = [authority(h, p) for h, p in self._tcp_addresses[:1]]
         if self.config.unix:
             lines.append("unix:%s" % self.config.unix)
         tmp = "%s.%d.tmp" % (path, os.getpid())

@@ -57,7 +57,8 @@ Errors keep aiohttp's own types, with messages that start with ``AgenShield`` an
   timers keep running too, and closing the connection cancels the call. What only a tunnel can carry
   (an upgrade such as ``ws_connect``, a fingerprint-pinned ``ssl=``, a body a ``--compat`` broker
   would corrupt) is :class:`TunnelOnlyError`, an ``aiohttp.ClientConnectionError`` (not a
-  ``ClientOSError``, which aiohttp would retry) naming the tunnel transport.
+  ``ClientOSError``, which aiohttp would retry) and an :class:`agenshield_shim.TunnelOnlyError`,
+  naming the tunnel transport.
 """
 
 import asyncio
@@ -65,17 +66,23 @@ import functools
 from types import ModuleType
 from typing import Any, Callable, Optional
 
-from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, broker_url
+from .. import authority, errors
+from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason
 from .._config import Config
 
 TARGET = "aiohttp"
+#: The releases this hook is for, as data (``selftest`` reads it, a unit test checks the README says
+#: it): (distribution, oldest, newest tested or None for "and later", why a release before the
+#: oldest is not routed at all, or None when it is merely untested).
+VERSIONS = (("aiohttp", "3.9", "3.14", None),)
 
 #: Plain-text bodies of the broker's forward-proxy refusals (the daemon's, without X-Proxy-Error).
 _PLAIN_SCHEMES = ("http", "ws")
 
-#: Set by :func:`install` under ``rpc``: the ``aiohttp.ClientConnectionError`` subclass raised for
-#: what only the tunnel transport can carry (``except agenshield_shim.hooks.aiohttp.TunnelOnlyError``).
-TunnelOnlyError: Optional[type] = None
+#: What only the tunnel transport can carry (``except agenshield_shim.hooks.aiohttp.TunnelOnlyError``):
+#: a class in every transport, the shared :class:`agenshield_shim.TunnelOnlyError` until aiohttp is
+#: hooked, then its subclass that is also an ``aiohttp.ClientConnectionError``.
+TunnelOnlyError: type = errors.TunnelOnlyError
 
 
 def install(module: ModuleType) -> None:
@@ -85,17 +92,28 @@ def install(module: ModuleType) -> None:
     config = active_config()
     if config is None:
         return
+    _tunnel_only(module)
     if config.transport == "rpc":
         _install_rpc(module, config, None)
     elif config.transport in ("tunnel", "auto"):
         _install_tunnel(module, config)
 
 
+def _tunnel_only(module: ModuleType) -> type:
+    """aiohttp's ``TunnelOnlyError``, made once (not a ``ClientOSError``: aiohttp would retry it)."""
+    global TunnelOnlyError
+    if not issubclass(TunnelOnlyError, module.ClientConnectionError):
+        TunnelOnlyError = errors.library_class(
+            (module.ClientConnectionError,), __name__,
+            "What only AGENSHIELD_TRANSPORT=tunnel can carry: an upgrade (websocket), a pinned certificate, a "
+            "body the broker would corrupt. Not a ClientOSError: retrying cannot help.")
+    return TunnelOnlyError
+
+
 def _install_rpc(module: ModuleType, config: Config, active: Optional[Callable[[], bool]]) -> None:
     from . import aiohttp_rpc  # the rpc core loads only when the rpc transport is used
 
-    global TunnelOnlyError
-    TunnelOnlyError = aiohttp_rpc.install(module, config, active) or TunnelOnlyError
+    aiohttp_rpc.install(module, config, _tunnel_only(module), active)
 
 
 def _install_tunnel(module: ModuleType, config: Config) -> None:
@@ -164,7 +182,7 @@ class _Router:
         self.config = config
         self.host = config.broker_host
         self.port = config.broker_port
-        self.proxy = broker_url(self.host, self.port)
+        self.proxy = authority.proxy_url(self.host, self.port)
         self.broker = config.broker
         self.tcp_connector = module.TCPConnector
 
@@ -297,8 +315,6 @@ def _short(headers: Any) -> bool:
 def _destination(url: Any) -> str:
     """``scheme://host:port`` of a URL (explicit port, so the message shows what was tunnelled)."""
     try:
-        host = url.raw_host or url.host or ""
-        shown = "[%s]" % host if ":" in host else host
-        return "%s://%s:%s" % (url.scheme, shown, url.port)
+        return authority.destination(url.scheme, url.raw_host or url.host or "", url.port)
     except AttributeError:
         return str(url)

@@ -15,7 +15,6 @@ from typing import Any, Callable, Deque, Optional, Tuple
 from .._config import Config
 from .._rpc import (
     BROKER_CONNECT_TIMEOUT_S,
-    RpcBodyError,
     RpcDenied,
     RpcError,
     RpcNetworkError,
@@ -31,10 +30,10 @@ from .._wire import (
     RequestAssembler,
     WireError,
     WireRequest,
-    origin_authority,
     response_bytes,
 )
-from .._wire import TunnelOnlyError as _WireTunnelOnly
+from ..authority import origin_authority
+from ..errors import TunnelOnlyError
 from . import guard_lets_through
 
 # -- rpc: one JSON-RPC call per request, aiohttp's own protocol on a virtual transport ----------
@@ -44,16 +43,18 @@ from . import guard_lets_through
 _FEED_SIZE = 1 << 16
 
 
-def install(module: ModuleType, config: Config, active: Optional[Callable[[], bool]] = None) -> Optional[type]:
-    """Patch ``TCPConnector._create_connection``; returns the ``TunnelOnlyError`` class (None if done already).
+def install(module: ModuleType, config: Config, tunnel_only: type,
+            active: Optional[Callable[[], bool]] = None) -> None:
+    """Patch ``TCPConnector._create_connection`` (a second call is a no-op).
 
+    ``tunnel_only`` is the ``TunnelOnlyError`` class to raise (:mod:`.aiohttp` publishes it);
     ``active`` (``AGENSHIELD_TRANSPORT=auto``) says whether the rpc transport is the one in use.
     """
     connector_class = module.TCPConnector
     original = connector_class._create_connection
     if getattr(original, "__agenshield_original__", None) is not None:
-        return None
-    errors = _RpcErrors(module, config)
+        return
+    errors = _RpcErrors(module, config, tunnel_only)
 
     @functools.wraps(original)
     async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
@@ -66,7 +67,6 @@ def install(module: ModuleType, config: Config, active: Optional[Callable[[], bo
 
     _create_connection.__agenshield_original__ = original  # type: ignore[attr-defined]
     connector_class._create_connection = _create_connection
-    return errors.tunnel_only
 
 
 async def _connect_virtual(connector: Any, req: Any, timeout: Any, config: Config, errors: "_RpcErrors") -> Any:
@@ -128,20 +128,16 @@ class _Endpoint:
 class _RpcErrors:
     """Every failure of an rpc request as aiohttp's own exception type, with the shim's message."""
 
-    def __init__(self, module: ModuleType, config: Config) -> None:
+    def __init__(self, module: ModuleType, config: Config, tunnel_only: type) -> None:
         self.module = module
         self.broker = broker_name(config)
-        self.tunnel_only: type = type("TunnelOnlyError", (module.ClientConnectionError,), {
-            "__module__": __name__.rpartition("_")[0],  # agenshield_shim.hooks.aiohttp, where it is published
-            "__doc__": "What only AGENSHIELD_TRANSPORT=tunnel can carry: an upgrade (websocket), a pinned "
-                       "certificate, a body the broker would corrupt. Not a ClientOSError: retrying cannot help.",
-        })
+        self.tunnel_only = tunnel_only
         # aiohttp 3.10+ tells a read timeout from a connect timeout; 3.9 has only the parent class
         self.read_timeout: type = getattr(module, "SocketTimeoutError", module.ServerTimeoutError)
 
     def translate(self, exc: Exception, request: Optional[WireRequest], url: Optional[str], key: Any) -> BaseException:
         module = self.module
-        if isinstance(exc, (_WireTunnelOnly, RpcBodyError)):
+        if isinstance(exc, TunnelOnlyError):  # _wire's (an upgrade) and the core's (a body: RpcBodyError)
             return self.tunnel_only(str(exc))  # type: ignore[no-any-return]
         if isinstance(exc, WireError):
             return module.ClientConnectionError(  # type: ignore[no-any-return]

@@ -56,6 +56,10 @@ if TYPE_CHECKING:  # pragma: no cover
     Destination = Tuple[str, int]
 
 TARGET = "http.client"
+#: The releases this hook is for, as data (``selftest`` reads it, a unit test checks the README says
+#: it): (distribution, oldest, newest tested or None for "and later", why a release before the
+#: oldest is not routed at all, or None when it is merely untested).
+VERSIONS = (("urllib3", "1.26", "2.x", None),)
 
 #: Instance-dict keys of our own (a connection's ``__dict__`` is the only per-connection state we keep).
 _BUSY = "_agenshield_routing"  # set while a routed connect() runs: nested super().connect() passes through
@@ -266,10 +270,11 @@ def _wrap_connect(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
             state.pop(_ROUTED, None)
             return original(self)
         if route.mode == "rpc":  # no socket at all: see http_client_rpc
-            from .http_client_rpc import connect as rpc_connect
+            from . import http_client_rpc
 
             state.pop(_ROUTED, None)
-            return rpc_connect(self, route)
+            return http_client_rpc.connect(self, route.config, "https" if _is_tls(self) else "http", route.target,
+                                           _urllib3_exceptions(type(self)), BrokerUnavailableError)
         saved = {name: state.get(name, _MISSING) for name in _SAVED}
         state[_BUSY] = True
         try:
@@ -304,9 +309,7 @@ class _Route:
 
     @property
     def broker(self) -> str:
-        if self.config.broker_socket:
-            return "unix:" + self.config.broker_socket
-        return self.config.broker
+        return _broker_name(self.config)
 
     @property
     def destination(self) -> str:
@@ -393,13 +396,16 @@ def _note_request_target(conn: Any, url: Any) -> None:
         )
 
 
+def _authority(host: str, port: Any) -> str:
+    """:func:`agenshield_shim.authority.authority`, loaded with the first routed connection rather
+    than with every import of http.client."""
+    from ..authority import authority
+
+    return authority(host, port)
+
+
 def _same(a: Destination, b: Destination) -> bool:
     return a[0].lower().strip("[]") == b[0].lower().strip("[]") and int(a[1]) == int(b[1])
-
-
-def _authority(host: str, port: Any) -> str:
-    host = host.strip("[]")
-    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
 
 
 # -- diverting one connect() ------------------------------------------------------------------
@@ -499,8 +505,8 @@ def _connect_broker(config: "Config", timeout: Any, source_address: Any, options
 def _tunnel(conn: Any, route: _Route) -> None:
     """``CONNECT`` the destination on ``conn.sock``; on refusal, raise with the broker's reason."""
     assert _http is not None
-    authority = _authority(*route.target).encode("idna")
-    request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority)
+    target = _authority(*route.target).encode("idna")
+    request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)
     status, reason, kind, body = 0, "", "", b""
     try:
         conn.sock.sendall(request)

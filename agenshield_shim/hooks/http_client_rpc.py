@@ -32,18 +32,18 @@ import socket
 import threading
 
 from .. import _rpc, _wire
-from .http_client import (
-    BrokerUnavailableError,
-    _broker_name,
-    _is_tls,
-    _Route,
-    _urllib3_exceptions,
-)
+from ..authority import authority, origin_authority
+from ..errors import TunnelOnlyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Callable, Dict, List, Optional, Tuple
+
+    from .._config import Config
+
+    #: How the caller reports the broker down: (message, destination, broker) -> the error to raise.
+    Unavailable = Callable[[str, str, str], OSError]
 
 _pairs_lock = threading.Lock()
 _pairs: "Dict[bool, Tuple[socket.socket, socket.socket]]" = {}
@@ -77,17 +77,19 @@ def _seconds(timeout: Any) -> Optional[float]:
 class _Plan:
     """Where one virtual connection's requests go and how its failures are reported."""
 
-    __slots__ = ("config", "scheme", "authority", "destination", "broker", "exceptions", "eager")
+    __slots__ = ("config", "scheme", "authority", "destination", "broker", "exceptions", "eager", "unavailable")
 
-    def __init__(self, conn: Any, route: _Route) -> None:
-        host, port = route.target
-        self.config = route.config
-        self.scheme = "https" if _is_tls(conn) else "http"
-        self.authority = _wire.origin_authority(self.scheme, host, port)
-        self.destination = route.destination
-        self.broker = _broker_name(route.config)
-        self.exceptions: Optional[ModuleType] = _urllib3_exceptions(type(conn))
-        self.eager = self.exceptions is None
+    def __init__(self, config: Config, scheme: str, target: Tuple[str, int], exceptions: Optional[ModuleType],
+                 unavailable: Unavailable) -> None:
+        host, port = target
+        self.config = config
+        self.scheme = scheme
+        self.authority = origin_authority(scheme, host, port)
+        self.destination = authority(host, port)
+        self.broker = _rpc.broker_name(config)
+        self.exceptions = exceptions
+        self.eager = exceptions is None
+        self.unavailable = unavailable
 
     def error(self, exc: BaseException, url: str, connecting: bool = False, conn: Any = None) -> BaseException:
         """``exc`` (an :class:`~agenshield_shim._rpc.RpcError`) as the caller's library raises such a failure."""
@@ -100,30 +102,37 @@ class _Plan:
             if timeout:
                 return ex.ReadTimeoutError(None, url, message)  # type: ignore[no-any-return]
             if isinstance(exc, _rpc.RpcBrokerUnavailable):
-                exc = BrokerUnavailableError(message, self.destination, self.broker)
+                exc = self.unavailable(message, self.destination, self.broker)
             return ex.ProxyError(message, exc)  # type: ignore[no-any-return]
         if timeout and not isinstance(exc, socket.timeout):  # Python < 3.10: socket.timeout is not TimeoutError
             return socket.timeout(message)
         if isinstance(exc, _rpc.RpcBrokerUnavailable):
-            return BrokerUnavailableError(message, self.destination, self.broker)
+            return self.unavailable(message, self.destination, self.broker)
         return exc
 
 
-def connect(conn: Any, route: _Route) -> None:
-    """The rpc transport's ``connect()``: check the broker answers, give ``conn`` a virtual socket."""
-    plan = _Plan(conn, route)
+def connect(conn: Any, config: Config, scheme: str, target: Tuple[str, int], exceptions: Optional[ModuleType],
+            unavailable: Unavailable) -> None:
+    """The rpc transport's ``connect()``: check the broker answers, give ``conn`` a virtual socket.
+
+    From the caller (:mod:`.http_client`, which imports this module only under rpc): ``scheme``
+    (``https`` for a TLS connection), the ``(host, port)`` it is for, the ``exceptions`` module of
+    the urllib3 copy ``conn`` is built on (None for plain http.client) and the error class for a
+    broker that is down, so this module imports nothing of its tunnel twin.
+    """
+    plan = _Plan(config, scheme, target, exceptions, unavailable)
     url = "%s://%s/" % (plan.scheme, plan.authority)
     if plan.scheme == "https" and getattr(conn, "assert_fingerprint", None):
         # urllib3's certificate pinning: the broker makes the TLS connection, so the pin cannot be
         # checked here, and dropping it silently would weaken what the application asked for
-        raise plan.error(_rpc.RpcError(
+        raise plan.error(_rpc.RpcTunnelOnly(
             "AgenShield: certificate pinning (assert_fingerprint) for %s cannot be honoured by the rpc transport, "
             "where the broker at %s makes the TLS connection; %s" % (plan.destination, plan.broker, _wire.TUNNEL_ONLY_HINT),
             None, None, plan.broker, url), url)
     timeout = _seconds(conn.timeout)
     deadline = _rpc.BROKER_CONNECT_TIMEOUT_S if timeout is None else min(timeout, _rpc.BROKER_CONNECT_TIMEOUT_S)
     try:
-        _rpc.capabilities(route.config, deadline, url)
+        _rpc.capabilities(config, deadline, url)
     except _rpc.RpcError as exc:
         raise plan.error(exc, url, connecting=True, conn=conn) from exc
     conn.sock = VirtualSocket(plan, timeout)
@@ -204,9 +213,10 @@ class VirtualSocket:
                                          request.body or None, self._timeout)
             return _wire.response_bytes(response, request.method)
         except _wire.WireError as exc:
-            error: _rpc.RpcError = _rpc.RpcError(str(exc) if str(exc).startswith("AgenShield") else
-                                                 "AgenShield: the rpc transport cannot carry this request to %s: %s"
-                                                 % (url, exc), None, None, plan.broker, url)
+            kind = _rpc.RpcTunnelOnly if isinstance(exc, TunnelOnlyError) else _rpc.RpcError
+            error: _rpc.RpcError = kind(str(exc) if str(exc).startswith("AgenShield") else
+                                        "AgenShield: the rpc transport cannot carry this request to %s: %s"
+                                        % (url, exc), None, None, plan.broker, url)
             raise plan.error(error, url) from exc
         except _rpc.RpcError as exc:
             raise plan.error(exc, url) from exc

@@ -1,8 +1,8 @@
 """httpx and httpx2: every ``HTTPTransport`` and ``AsyncHTTPTransport`` goes through the broker.
 
 Patches: ``httpx.HTTPTransport.__init__`` and ``.handle_request``,
-``httpx.AsyncHTTPTransport.__init__`` and ``.handle_async_request`` (under ``rpc``: in
-:mod:`.httpx_rpc`).
+``httpx.AsyncHTTPTransport.__init__`` and ``.handle_async_request`` (a request that goes the
+``rpc`` way is answered by :mod:`.httpx_rpc`'s ``RpcRoute``).
 
 Only through the module object ``install`` is given (its classes, exceptions, ``Proxy``,
 ``Response``, ``ByteStream``), never by importing ``httpx`` or ``httpcore`` by name: so httpx2, the
@@ -52,17 +52,24 @@ Errors keep httpx's own types, with messages that say what happened (always nami
 - the broker cannot be reached (rpc: also answers something unusable): ``httpx.ConnectError``
   naming the broker (``ConnectTimeout`` when connecting to it timed out);
 - rpc only: a timeout (the broker's or the local deadline) is ``httpx.ReadTimeout``; a body the
-  broker cannot carry intact (a ``--compat`` broker: no base64) is ``httpx.ProxyError``, and a
-  connection upgrade (websocket) ``httpx.UnsupportedProtocol``, both naming the tunnel transport.
+  broker cannot carry intact (a ``--compat`` broker: no base64) and a connection upgrade
+  (websocket) are a ``TunnelOnlyError`` naming the tunnel transport: both an
+  ``httpx.UnsupportedProtocol`` and an ``httpx.ProxyError`` (what each was before), and an
+  :class:`agenshield_shim.TunnelOnlyError`.
 """
 
 import functools
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, ask_broker_reason_sync, broker_url
+from .. import authority
+from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason, ask_broker_reason_sync
 
 TARGET = "httpx"
+#: The releases this hook is for, as data (``selftest`` reads it, a unit test checks the README says
+#: it): (distribution, oldest, newest tested or None for "and later", why a release before the
+#: oldest is not routed at all, or None when it is merely untested).
+VERSIONS = (("httpx", "0.23", "0.29", None), ("httpx2", "2.0", "2.17", None))
 
 _ROUTED = "_agenshield_routed"
 
@@ -77,16 +84,19 @@ def install(module: ModuleType) -> None:
     if config is None or config.transport not in ("auto", "tunnel", "rpc"):
         return
     sync_cls, async_cls = module.HTTPTransport, module.AsyncHTTPTransport
-    if config.transport == "rpc":
-        from . import httpx_rpc  # the rpc core loads only for the rpc transport
-
-        httpx_rpc.install(module, config)
-        return
     errors = _Errors(module, config)
-    auto = _Auto(module, config) if config.transport == "auto" else None
-    proxy_url = broker_url(config.broker_host, config.broker_port)
+    auto: Optional[_Auto]
+    if config.transport == "rpc":
+        # dropping the application's proxy also spares building a proxy pool that would never be
+        # used (a SOCKS one needs socksio); every request of a routed transport is one call
+        auto = _Rpc(module, config)
+        proxy_for: Callable[[], Any] = lambda: None  # noqa: E731
+    else:
+        auto = _Auto(module, config) if config.transport == "auto" else None
+        proxy_url = authority.proxy_url(config.broker_host, config.broker_port)
+        proxy_for = lambda: module.Proxy(proxy_url)  # noqa: E731
     for cls in (sync_cls, async_cls):
-        cls.__init__ = _routed_init(cls.__init__, lambda: module.Proxy(proxy_url))
+        cls.__init__ = _routed_init(cls.__init__, proxy_for)
     sync_cls.handle_request = _sync_handler(sync_cls.handle_request, errors, auto)
     async_cls.handle_async_request = _async_handler(async_cls.handle_async_request, errors, auto)
 
@@ -104,7 +114,7 @@ class _Auto:
         if self._route is None:
             from . import httpx_rpc  # the rpc core loads only when the rpc transport is used
 
-            self._route = httpx_rpc.RpcRoute(self.module, self.config)
+            self._route = httpx_rpc.RpcRoute(self.module, self.config, refusal_response)
         return self._route
 
     def rpc(self, request: Any) -> bool:
@@ -127,6 +137,20 @@ class _Auto:
 
             return await anyio.to_thread.run_sync(choose, self.config, _connect_timeout(request)) == RPC
         return await choose_async(self.config, _connect_timeout(request)) == RPC
+
+
+class _Rpc(_Auto):
+    """``AGENSHIELD_TRANSPORT=rpc``: every request of a routed transport goes the rpc way."""
+
+    def __init__(self, module: ModuleType, config: Any) -> None:
+        super().__init__(module, config)
+        self.route()  # the rpc core loads at install, as the transport is known
+
+    def rpc(self, request: Any) -> bool:
+        return True
+
+    async def rpc_async(self, request: Any) -> bool:
+        return True
 
 
 def _connect_timeout(request: Any) -> Optional[float]:
@@ -466,7 +490,4 @@ def _replay(module: ModuleType, response: Any, body: bytes) -> Any:
 
 def _destination(url: Any) -> str:
     """``scheme://host:port`` of an ``httpx.URL`` (explicit port, so the message shows the tunnel)."""
-    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-    host = url.host
-    shown = "[%s]" % host if ":" in host else host
-    return "%s://%s:%s" % (url.scheme, shown, port)
+    return authority.destination(url.scheme, url.host, url.port)

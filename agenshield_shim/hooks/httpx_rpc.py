@@ -1,7 +1,10 @@
 """httpx under the rpc transport: a routed transport's request as one ``http_request`` call.
 
-Imported by :mod:`.httpx` only when ``AGENSHIELD_TRANSPORT=rpc``, so the tunnel transport never
-loads the rpc core. What this keeps and what it cannot is in :mod:`.httpx`'s docstring.
+Imported by :mod:`.httpx` only when the rpc transport is used (``AGENSHIELD_TRANSPORT=rpc``, or
+``auto`` once the broker turned out not to tunnel), so the tunnel transport never loads the rpc
+core. Which transports are routed, and the handlers that hand their requests to
+:class:`RpcRoute`, are :mod:`.httpx`'s: this module imports nothing of it (the policy refusal's
+answer comes in as an argument). What this keeps and what it cannot is in :mod:`.httpx`'s docstring.
 """
 
 import functools
@@ -10,20 +13,10 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from .. import _rpc, _wire
 from .._config import Config
-from .httpx import _ROUTED, _routed_init, refusal_response
+from ..errors import library_class
 
-
-def install(module: ModuleType, config: Config) -> None:
-    """Mark every transport built from now on as routed (its proxy dropped: nothing reaches httpcore),
-    and answer a routed transport's requests with one call each."""
-    sync_cls, async_cls = module.HTTPTransport, module.AsyncHTTPTransport
-    route = RpcRoute(module, config)
-    for cls in (sync_cls, async_cls):
-        # dropping the application's proxy also spares building a proxy pool that would never be
-        # used (a SOCKS one needs socksio)
-        cls.__init__ = _routed_init(cls.__init__, lambda: None)
-    sync_cls.handle_request = _rpc_sync_handler(sync_cls.handle_request, route)
-    async_cls.handle_async_request = _rpc_async_handler(async_cls.handle_async_request, route)
+#: ``refusal(module, message)``: the answer a policy refusal becomes (``httpx.refusal_response``).
+Refusal = Callable[[ModuleType, str], Any]
 
 
 class RpcRoute:
@@ -32,9 +25,14 @@ class RpcRoute:
     Sans-IO apart from the call itself, so the sync and async handlers share everything else.
     """
 
-    def __init__(self, module: ModuleType, config: Config) -> None:
+    def __init__(self, module: ModuleType, config: Config, refusal: Refusal) -> None:
         self.module = module
         self.config = config
+        self.refusal = refusal
+        # an upgrade is a protocol this transport does not carry, and a body the broker would
+        # corrupt is the proxy failing it: the one class is both, so either except clause catches it
+        self.tunnel_only: type = library_class(
+            (module.UnsupportedProtocol, module.ProxyError), __name__.rpartition("_")[0])
 
     # -- the request ------------------------------------------------------------------------
 
@@ -53,7 +51,7 @@ class RpcRoute:
         try:
             _wire.check_carriable(request.method, sent)
         except _wire.TunnelOnlyError as exc:
-            raise module.UnsupportedProtocol(str(exc), request=request) from None
+            raise self.tunnel_only(str(exc), request=request) from None
         headers = _wire.end_to_end_headers(sent)
         timeouts = request.extensions.get("timeout") or {}
         read = timeouts.get("read")
@@ -83,7 +81,9 @@ class RpcRoute:
             cls = module.ReadTimeout
         elif isinstance(exc, _rpc.RpcBrokerUnavailable):
             cls = module.ConnectTimeout if isinstance(exc, _rpc.RpcBrokerConnectTimeout) else module.ConnectError
-        elif isinstance(exc, (_rpc.RpcDenied, _rpc.RpcNetworkError, _rpc.RpcBodyError)):
+        elif isinstance(exc, _rpc.RpcTunnelOnly):  # a body only the tunnel carries intact
+            cls = self.tunnel_only
+        elif isinstance(exc, (_rpc.RpcDenied, _rpc.RpcNetworkError)):
             # Refused, upstream unreachable (the tunnel's CONNECT 502), or a body it cannot carry:
             # in each case the broker, httpx's proxy, could not give this request a way through.
             cls = module.ProxyError
@@ -101,7 +101,7 @@ class RpcRoute:
             answer = _rpc.http_request(self.config, method, url, headers, body or None, timeout_s)
             return self.response(request, answer)
         except _rpc.RpcDenied as exc:  # the policy's refusal: an answer, as in the tunnel
-            return refusal_response(self.module, str(exc))
+            return self.refusal(self.module, str(exc))
         except _rpc.RpcError as exc:
             raise self.error(request, exc) from exc
 
@@ -113,7 +113,7 @@ class RpcRoute:
             answer = await _call_async(self.config, method, url, headers, body or None, timeout_s)
             return self.response(request, answer)
         except _rpc.RpcDenied as exc:  # the policy's refusal: an answer, as in the tunnel
-            return refusal_response(self.module, str(exc))
+            return self.refusal(self.module, str(exc))
         except _rpc.RpcError as exc:
             raise self.error(request, exc) from exc
 
@@ -132,28 +132,6 @@ async def _call_async(config: Config, method: str, url: str, headers: List[Tuple
         call = functools.partial(_rpc.http_request, config, method, url, headers, body, timeout_s)
         return await anyio.to_thread.run_sync(call)
     return await _rpc.http_request_async(config, method, url, headers, body, timeout_s)
-
-
-def _rpc_sync_handler(original: Callable[..., Any], route: RpcRoute) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def handle_request(self: Any, request: Any) -> Any:
-        if not getattr(self, _ROUTED, False):
-            return original(self, request)
-        return route.send(request)
-
-    handle_request.__agenshield_original__ = original  # type: ignore[attr-defined]
-    return handle_request
-
-
-def _rpc_async_handler(original: Callable[..., Any], route: RpcRoute) -> Callable[..., Any]:
-    @functools.wraps(original)
-    async def handle_async_request(self: Any, request: Any) -> Any:
-        if not getattr(self, _ROUTED, False):
-            return await original(self, request)
-        return await route.send_async(request)
-
-    handle_async_request.__agenshield_original__ = original  # type: ignore[attr-defined]
-    return handle_async_request
 
 
 def _text(raw: bytes) -> str:

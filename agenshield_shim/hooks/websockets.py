@@ -21,7 +21,8 @@ message:
   ``InvalidHandshake``: reconnect loops do not retry it), with the broker's reason, asked with one
   ``policy_check`` (websockets does not read the body of a proxy's answer);
 - a broker that does not tunnel: under rpc (``AGENSHIELD_TRANSPORT=rpc``, or ``auto`` against the
-  daemon 0.7.2) :class:`TunnelOnlyError`, a ``ProxyError``, before anything is sent; under an
+  daemon 0.7.2) :class:`TunnelOnlyError`, a ``ProxyError`` (and an
+  :class:`agenshield_shim.TunnelOnlyError`), before anything is sent; under an
   explicit ``tunnel``, the same ``not_a_proxy_message`` the other hooks give;
 - the broker down: the ``OSError`` websockets raises, of the same type and errno, with a message
   that says so (reconnect loops retry it, as they retry any network error).
@@ -34,6 +35,8 @@ are not patched: the guard refuses their direct connections.
 import functools
 from types import ModuleType
 
+from .. import authority, errors
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Dict, Optional, Tuple
@@ -42,9 +45,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TARGET = "websockets.asyncio.client"
 TARGETS = ("websockets.asyncio.client", "websockets.sync.client")
+#: The releases this hook is for, as data (``selftest`` reads it, a unit test checks the README says
+#: it): (distribution, oldest, newest tested or None for "and later", why a release before the
+#: oldest is not routed at all, or None when it is merely untested).
+VERSIONS = (("websockets", "15", None, "proxy support came with websockets 15"),)
 
-#: Set at the first install: ``except agenshield_shim.hooks.websockets.TunnelOnlyError``.
-TunnelOnlyError = None  # type: Optional[type]
+#: ``except agenshield_shim.hooks.websockets.TunnelOnlyError``: a class in every transport, the shared
+#: :class:`agenshield_shim.TunnelOnlyError` until websockets is hooked, then its subclass that is
+#: also a websockets ``ProxyError``.
+TunnelOnlyError = errors.TunnelOnlyError  # type: type
+#: Set at the first install: the ``InvalidProxyStatus`` subclass of the broker's refusals.
 BrokerRefusal = None  # type: Optional[type]
 
 _errors = None  # type: Optional[_Errors]
@@ -290,9 +300,7 @@ def _route(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]", config: "Config") 
     if guard_lets_through(parsed.host, parsed.port):
         kwargs["proxy"] = None
     else:
-        from .._broker_client import broker_url
-
-        kwargs["proxy"] = broker_url(config.broker_host, config.broker_port)
+        kwargs["proxy"] = authority.proxy_url(config.broker_host, config.broker_port)
 
 
 def _routed_class(original: type, config: "Config") -> type:
@@ -332,9 +340,7 @@ def _is_broker(proxy: "Any", config: "Config") -> bool:
 
 
 def _destination(ws_uri: "Any") -> str:
-    from .._boot import format_destination
-
-    return format_destination(ws_uri.host, ws_uri.port)
+    return authority.authority(ws_uri.host, ws_uri.port)
 
 
 def _errors_for(config: "Config") -> "_Errors":
@@ -356,11 +362,10 @@ class _Errors:
         self.broker = config.broker
         # ProxyError and InvalidProxyStatus came with websockets 15; before, their common base
         self.proxy_error = getattr(exceptions, "ProxyError", exceptions.InvalidHandshake)  # type: ignore[attr-defined]
-        self.tunnel_only = type("TunnelOnlyError", (self.proxy_error,), {
-            "__module__": __name__,
-            "__doc__": "A websocket needs the broker's CONNECT tunnel, and this broker is used through rpc "
-                       "(AGENSHIELD_TRANSPORT=rpc, or auto against a broker that does not tunnel).",
-        })
+        self.tunnel_only = errors.library_class(
+            (self.proxy_error,), __name__,
+            "A websocket needs the broker's CONNECT tunnel, and this broker is used through rpc "
+            "(AGENSHIELD_TRANSPORT=rpc, or auto against a broker that does not tunnel).")
 
         # InvalidProxyStatus(response) when there is one; before 15 the message is all there is
         status_error = getattr(exceptions, "InvalidProxyStatus", None)

@@ -267,6 +267,7 @@ class Suite(NamedTuple):
 def assert_tunnel_only(entry: Dict[str, Any], *words: str) -> None:
     """Our ClientConnectionError subclass (not a ClientOSError: aiohttp would retry it), naming the tunnel."""
     assert TUNNEL_ONLY in entry["mro"], entry
+    assert "agenshield_shim.errors.TunnelOnlyError" in entry["mro"], entry  # the one every library shares
     assert "aiohttp.client_exceptions.ClientConnectionError" in entry["mro"], entry
     assert "aiohttp.client_exceptions.ClientOSError" not in entry["mro"], entry
     assert entry["message"].startswith("AgenShield") and TUNNEL_HINT in entry["message"], entry

@@ -559,7 +559,10 @@ def test_rpc_upstream_unreachable_is_proxy_error(extra_results: Dict[str, Any], 
 @pytest.mark.parametrize("tag", SCHEMES)
 def test_rpc_connection_upgrade_is_refused_naming_the_tunnel(extra_results: Dict[str, Any], tag: str) -> None:
     entry = error(extra_results, "sync:" + tag + "upgrade")
-    assert entry["error"] == "UnsupportedProtocol", entry
+    # httpx's own UnsupportedProtocol (and ProxyError), and the TunnelOnlyError every library shares
+    assert entry["error"] == "TunnelOnlyError", entry
+    for name in (".UnsupportedProtocol", ".ProxyError", "agenshield_shim.errors.TunnelOnlyError"):
+        assert any(seen.endswith(name) for seen in entry["mro"]), entry
     assert "AgenShield" in entry["message"] and "AGENSHIELD_TRANSPORT=tunnel" in entry["message"], entry
     assert not calls(extra_results, "/ws?up=1")
 
@@ -613,11 +616,12 @@ def test_rpc_error_mapping_table(rpc_main_env: ShimEnv, rpc_broker: Any) -> None
         """
         import json, httpx
         from agenshield_shim import _boot, _rpc
+        from agenshield_shim.hooks.httpx import refusal_response
         from agenshield_shim.hooks.httpx_rpc import RpcRoute
         config = _boot.active_config()
         url = "https://api.example.com/v1"
         request = httpx.Request("GET", url)
-        route = RpcRoute(httpx, config)
+        route = RpcRoute(httpx, config, refusal_response)
         cases = {
             "denied": _rpc.error_for_code(1001, "Host 'api.example.com' is not allowed", "b", url, "GET"),
             "network": _rpc.error_for_code(1004, "Network error: connect ECONNREFUSED", "b", url, "GET"),
@@ -642,7 +646,7 @@ def test_rpc_error_mapping_table(rpc_main_env: ShimEnv, rpc_broker: Any) -> None
     assert table == {
         "denied": "ProxyError", "network": "ProxyError", "broker_timeout": "ReadTimeout",
         "local_timeout": "ReadTimeout", "refused": "ConnectError", "connect_timeout": "ConnectTimeout",
-        "protocol": "ConnectError", "body": "ProxyError",
+        "protocol": "ConnectError", "body": "TunnelOnlyError",  # an httpx.ProxyError too
     }
 
 

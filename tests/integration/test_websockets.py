@@ -143,6 +143,7 @@ def test_websockets_under_rpc_is_a_clear_tunnel_only_error(ws_env: ShimEnv, rpc_
         entry = error(results, name)
         assert entry["error"] == "TunnelOnlyError", entry
         assert "websockets.exceptions.InvalidHandshake" in entry["mro"], entry
+        assert "agenshield_shim.errors.TunnelOnlyError" in entry["mro"], entry  # the one every library shares
         assert "AgenShield" in entry["message"] and "tunnel" in entry["message"], entry
 
 
