@@ -149,7 +149,7 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy", decision.reason))
         await cw.drain()
         return False
-    framing = request_framing(head.headers)
+    framing = request_framing(head)
     upgrade = "upgrade" in header_tokens(head.headers, "connection") and head.get("upgrade") is not None
     key = (scheme, host.text, port)
     permit = services.permit(target)
