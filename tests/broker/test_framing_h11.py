@@ -646,3 +646,50 @@ def test_response_framing_rules() -> None:
         with pytest.raises(http1.HttpError) as info:
             framing(bad)
         assert info.value.status == 502
+
+
+# -- the broker reads its upstreams with the codec -------------------------------------------------------------
+
+def _one_answer_upstream(answer: bytes) -> Tuple[Any, int]:
+    """A loopback upstream that answers every connection's first head with ``answer``, then closes."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+
+    def serve() -> None:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                data += got
+            conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_a_response_the_codec_refuses_is_502(broker: Any, answer: bytes) -> None:
+    """A proxy that passed ``Transfer-Encoding`` and ``Content-Length`` on would let its client pick
+    the other reading; the broker refuses such an answer (502, ``network-error``) and forwards none of it."""
+    from .conftest import raw_exchange, status_of
+
+    sock, port = _one_answer_upstream(answer)
+    try:
+        out = raw_exchange(broker.port, b"GET http://127.0.0.1:%d/x HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+    finally:
+        sock.close()
+    assert status_of(out) == 502 and b"X-Proxy-Error: network-error" in out and b"hello" not in out
