@@ -24,7 +24,7 @@ no control characters in field values, no whitespace in chunk-size lines, ``Cont
 """
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 # -- the grammar (RFC 9110 section 5.6, RFC 9112 sections 2-7), as data --------------------------------
 
@@ -114,6 +114,7 @@ class _Head:
     __slots__ = ("headers", "_index")
 
     headers: Headers
+    _index: Optional[Dict[str, List[str]]]
 
     def _fields(self) -> Dict[str, List[str]]:
         index = self._index
@@ -172,7 +173,7 @@ class ResponseHead(_Head):
         return "ResponseHead(%d %r, %d fields)" % (self.status, self.reason[:60], len(self.headers))
 
 
-def list_tokens(values: "List[str] | Tuple[str, ...]") -> List[str]:
+def list_tokens(values: Sequence[str]) -> List[str]:
     """Elements of comma-separated field values, lower-cased; only SP and HTAB are whitespace
     (``str.strip()`` would eat ``\\xa0``, and a ``chunked\\xa0`` read as ``chunked`` here would
     reach the next hop as something else)."""
@@ -185,7 +186,7 @@ def list_tokens(values: "List[str] | Tuple[str, ...]") -> List[str]:
     return out
 
 
-def head_end(buf: "bytes | bytearray", start: int = 0) -> int:
+def head_end(buf: Union[bytes, bytearray], start: int = 0) -> int:
     """The length of the head at the start of ``buf`` (through its empty line), or -1 if incomplete."""
     idx = buf.find(b"\r\n\r\n", start)
     return idx + 4 if idx >= 0 else -1
@@ -225,7 +226,7 @@ def _field_error(block: str) -> HttpError:
     return HttpError(400, "malformed header section")  # pragma: no cover
 
 
-def _first_line(data: "bytes | bytearray", limits: Limits) -> Tuple[str, int]:
+def _first_line(data: Union[bytes, bytearray], limits: Limits) -> Tuple[str, int]:
     if len(data) > limits.max_head:
         raise HttpError(431, "head larger than %d bytes" % limits.max_head, "limit")
     text = data.decode("latin-1")
@@ -234,7 +235,7 @@ def _first_line(data: "bytes | bytearray", limits: Limits) -> Tuple[str, int]:
     return text, text.find("\r\n")
 
 
-def parse_request_head(data: "bytes | bytearray", limits: Limits = LIMITS) -> RequestHead:
+def parse_request_head(data: Union[bytes, bytearray], limits: Limits = LIMITS) -> RequestHead:
     """A complete request head (through CRLF CRLF) -> :class:`RequestHead`; :class:`HttpError` 400,
     431 or 505 if it is not one we accept."""
     text, end = _first_line(data, limits)
@@ -252,7 +253,7 @@ def parse_request_head(data: "bytes | bytearray", limits: Limits = LIMITS) -> Re
     return RequestHead(method, target, (1, 1) if minor == "1" else (1, 0), _fields(text, end + 2, limits))
 
 
-def parse_response_head(data: "bytes | bytearray", limits: Limits = LIMITS) -> ResponseHead:
+def parse_response_head(data: Union[bytes, bytearray], limits: Limits = LIMITS) -> ResponseHead:
     """A complete response head -> :class:`ResponseHead`; :class:`HttpError` (status 502: the
     peer is a server) if it is not one we accept."""
     try:
@@ -364,7 +365,7 @@ def response_framing(head: ResponseHead, request_method: str, limits: Limits = L
 _TRAILER_FORBIDDEN = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
-def chunk_size(line: "bytes | bytearray", limits: Limits = LIMITS) -> int:
+def chunk_size(line: Union[bytes, bytearray], limits: Limits = LIMITS) -> int:
     """The size in a chunk-size line (with its CRLF): hex digits, optional extensions, CRLF; nothing
     lenient (no ``0x``, ``_``, sign, whitespace or bare LF). 400 otherwise."""
     m = _CHUNK_LINE_RE.fullmatch(line)
@@ -389,7 +390,7 @@ def _chunk_error(line: bytes, limits: Limits) -> HttpError:
     return HttpError(400, "bad chunk size line")
 
 
-def check_trailer(line: "bytes | bytearray") -> None:
+def check_trailer(line: Union[bytes, bytearray]) -> None:
     """A trailer line (with its CRLF) must be a field line, and not a framing one: a request line
     there is refused, so nothing can ride in a trailer."""
     m = _TRAILER_RE.fullmatch(line)
@@ -418,7 +419,7 @@ class ChunkedDecoder:
         self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailer lines
         self._left = 0
 
-    def feed(self, data: "bytes | bytearray") -> bytes:
+    def feed(self, data: Union[bytes, bytearray]) -> bytes:
         if self.done:
             self.unused += data
             return b""
@@ -451,6 +452,8 @@ class ChunkedDecoder:
                     if n - pos > self.limits.max_line:
                         raise HttpError(400, "chunk-size or trailer line over %d bytes" % self.limits.max_line, "limit")
                     break
+                if end - pos >= self.limits.max_line:
+                    raise HttpError(400, "chunk-size or trailer line over %d bytes" % self.limits.max_line, "limit")
                 line = buf[pos:end + 1]
                 pos = end + 1
                 if state == 0:

@@ -21,7 +21,8 @@ import asyncio
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
 
 from .. import http1 as codec
-from ..http1 import Headers, HttpError, RequestHead, ResponseHead
+from ..http1 import Headers as Headers, HttpError as HttpError  # re-exported: the broker's names
+from ..http1 import RequestHead as RequestHead, ResponseHead as ResponseHead
 
 READ_SIZE = 256 * 1024
 MAX_LINE = codec.LIMITS.max_line  # chunk-size lines and trailer lines
