@@ -1,6 +1,6 @@
 """Request-head parsing: the broker's parser before the codec, the codec (agenshield_shim/http1.py), h11.
 
-Usage: python benchmarks/http1_codec.py [--rounds N] [--loops N]
+Usage: python benchmarks/http1_codec.py [--rounds N] [--loops N] [--instructions]
 
 The broker parses a head per request, so on small keep-alive forwards head parsing was 15% of its
 CPU (issue 15). The codec must be at least as fast as the parser it replaced. Measured side by
@@ -17,9 +17,15 @@ Columns, all on the same bytes:
   and the four field look-ups its routes make (``Host``, ``Connection``, ``Upgrade``, ``Expect``);
 - ``h11``: a new ``h11.Connection`` reading the same head up to its ``Request`` event, for
   reference (h11 keeps per-connection state, so one connection per head; test-only dependency).
+
+``--instructions`` counts instructions instead (valgrind's callgrind, which machine noise does not
+move): each column and input runs in its own interpreter, once with ``--loops`` calls and once with
+none (both after one warm-up call), and the difference divided by ``--loops`` is its cost per head.
 """
 
 import argparse
+import os
+import subprocess
 import random
 import re
 import statistics
@@ -213,13 +219,43 @@ def measure(fn: Callable[[bytes], object], data: bytes, loops: int) -> float:
     return (clock() - start) / loops / 1000.0
 
 
+def _run_one(column: str, name: str, loops: int) -> None:
+    """The child of ``--instructions``: one warm-up call, then ``loops`` calls."""
+    fn, data = columns()[column], INPUTS[name]
+    fn(data)
+    for _ in range(loops):
+        fn(data)
+
+
+def _instructions(column: str, name: str, loops: int) -> int:
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull, sys.executable,
+                          __file__, "--run", column, name, str(loops)], capture_output=True, text=True, check=True)
+    return int(re.search(r"Collected : (\d+)", out.stderr).group(1))  # type: ignore[union-attr]
+
+
+def instructions(loops: int) -> None:
+    cols = columns()
+    print("python %s, instructions per head (callgrind), %d calls" % (sys.version.split()[0], loops))
+    print("%-15s" % "input" + "".join("%13s" % c for c in cols) + "   codec/old   codec+frame/old+frame")
+    for name in INPUTS:
+        per = {c: (_instructions(c, name, loops) - _instructions(c, name, 0)) / loops for c in cols}
+        print("%-15s" % name + "".join("%13.0f" % per[c] for c in cols) + "   %.2fx       %.2fx" % (
+            per["codec"] / per["old"], per["codec+frame"] / per["old+frame"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--loops", type=int, default=5000)
+    parser.add_argument("--instructions", action="store_true", help="count instructions with callgrind")
+    parser.add_argument("--run", nargs=3, metavar=("COLUMN", "INPUT", "LOOPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run:
+        return _run_one(args.run[0], args.run[1], int(args.run[2]))
     cols = columns()
     check_same(cols)
+    if args.instructions:
+        return instructions(args.loops)
     print("python %s, %d rounds x %d loops, thread CPU time" % (sys.version.split()[0], args.rounds, args.loops))
     header = "%-15s" % "input" + "".join("%13s" % c for c in cols) + "   codec/old (spread)   codec+frame/old+frame"
     print(header)
