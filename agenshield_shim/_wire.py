@@ -34,7 +34,6 @@ _REQUEST_DROP = frozenset({
 _RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "trailer", "upgrade",
 })
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
@@ -229,9 +228,11 @@ def response_headers(response: RpcResponse, method: str) -> List[Tuple[str, str]
     not have come from a real upstream (a CR/LF in a value, a name that is not a token) would smuggle
     lines into the parser: it is a protocol error, never passed on.
     """
+    from .http1 import is_token
+
     out: List[Tuple[str, str]] = []
     for name, value in response.headers:
-        if not _TOKEN.match(name):
+        if not is_token(name):
             raise _bad(response, "header name %r" % name[:100])
         if _BAD_VALUE.search(value):
             raise _bad(response, "a CR, LF or NUL in the value of header %r" % name)

@@ -186,6 +186,11 @@ def list_tokens(values: Sequence[str]) -> List[str]:
     return out
 
 
+def is_token(text: str) -> bool:
+    """Whether ``text`` is a token (a method, a field name, a transfer coding)."""
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
 def head_end(buf: Union[bytes, bytearray], start: int = 0) -> int:
     """The length of the head at the start of ``buf`` (through its empty line), or -1 if incomplete."""
     idx = buf.find(b"\r\n\r\n", start)
@@ -496,5 +501,5 @@ def trailer_fields(lines: List[bytes]) -> Headers:
 __all__ = [
     "HttpError", "Limits", "LIMITS", "STRICTER", "RequestHead", "ResponseHead", "Headers", "Framing",
     "head_end", "parse_request_head", "parse_response_head", "request_framing", "response_framing",
-    "chunk_size", "check_trailer", "ChunkedDecoder", "list_tokens", "trailer_fields",
+    "chunk_size", "check_trailer", "ChunkedDecoder", "list_tokens", "trailer_fields", "is_token",
 ]

@@ -120,12 +120,12 @@ class Stream:
         deadline = loop.time() + head_timeout
         start = 0
         while True:
-            idx = self.buf.find(b"\r\n\r\n", start)
-            if idx >= 0:
-                if idx + 4 > limit:
+            end = codec.head_end(self.buf, start)
+            if end >= 0:
+                if end > limit:
                     raise HttpError(431, "request head too large")
-                head = bytes(self.buf[: idx + 4])
-                del self.buf[: idx + 4]
+                head = bytes(self.buf[:end])
+                del self.buf[:end]
                 return head
             if len(self.buf) > limit:
                 raise HttpError(431, "request head too large")
@@ -184,10 +184,10 @@ class Stream:
         """An upstream response head; ``None`` on EOF before any byte (the caller applies timeouts)."""
         start = 0
         while True:
-            idx = self.buf.find(b"\r\n\r\n", start)
-            if idx >= 0:
-                head = bytes(self.buf[: idx + 4])
-                del self.buf[: idx + 4]
+            end = codec.head_end(self.buf, start)
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[:end]
                 return head
             if len(self.buf) > limit:
                 raise ProtocolError("upstream response head too large")
