@@ -12,7 +12,8 @@ Columns, all on the same bytes:
 
 - ``old``: ``parse_request_head`` of broker/http1.py as it was before the codec (copied below,
   verbatim, with the helpers it called);
-- ``codec``: :func:`agenshield_shim.http1.parse_request_head`;
+- ``codec``: the codec (agenshield_shim/http1.py) through the broker's entry points, as the broker
+  calls it (``broker/http1.py``'s ``parse_request_head`` and ``request_framing``);
 - ``old+frame`` / ``codec+frame``: the broker's per-request work on the head: parse, body framing,
   and the four field look-ups its routes make (``Host``, ``Connection``, ``Upgrade``, ``Expect``);
 - ``h11``: a new ``h11.Connection`` reading the same head up to its ``Request`` event, for
@@ -37,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agenshield_shim import http1  # noqa: E402
+from agenshield_shim.broker import http1 as broker_http1  # noqa: E402
 
 # -- the broker's parser before the codec (broker/http1.py at dfa9570), verbatim -------------------------
 
@@ -174,8 +176,8 @@ def _old_frame(data: bytes) -> object:
 
 
 def _codec_frame(data: bytes) -> object:
-    head = http1.parse_request_head(data)
-    http1.request_framing(head)
+    head = broker_http1.parse_request_head(data)
+    broker_http1.request_framing(head)
     return head.get("host"), head.get("connection"), head.get("upgrade"), head.get("expect")
 
 
@@ -189,7 +191,7 @@ def _h11_parse(data: bytes) -> object:
 
 def columns() -> Dict[str, Callable[[bytes], object]]:
     cols: Dict[str, Callable[[bytes], object]] = {
-        "old": old_parse_request_head, "codec": http1.parse_request_head,
+        "old": old_parse_request_head, "codec": broker_http1.parse_request_head,
         "old+frame": _old_frame, "codec+frame": _codec_frame,
     }
     try:

@@ -58,14 +58,20 @@ def header_tokens(headers: Headers, name: str) -> List[str]:
     return codec.list_tokens(header_all(headers, name))
 
 
-#: A complete request head -> :class:`RequestHead`; :class:`HttpError` 400/431/505 (the codec's rules).
-parse_request_head = codec.parse_request_head
+#: The codec's limits, but for the head size: :meth:`Stream.read_head` applies ``--max-head-size``
+#: (and the forward path its upstream limit) before a head is parsed.
+HEAD_READ_LIMITS = codec.Limits(max_head=1 << 40)
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """A complete request head; :class:`HttpError` 400/431/505 (the codec's rules)."""
+    return codec.parse_request_head(data, HEAD_READ_LIMITS)
 
 
 def parse_response_head(data: bytes) -> ResponseHead:
     """An upstream's response head; :class:`ProtocolError` if the codec refuses it."""
     try:
-        return codec.parse_response_head(data)
+        return codec.parse_response_head(data, HEAD_READ_LIMITS)
     except HttpError as exc:
         raise ProtocolError("malformed response head from upstream: %s" % exc.message) from None
 

@@ -693,3 +693,12 @@ def test_a_response_the_codec_refuses_is_502(broker: Any, answer: bytes) -> None
     finally:
         sock.close()
     assert status_of(out) == 502 and b"X-Proxy-Error: network-error" in out and b"hello" not in out
+
+
+def test_max_head_size_is_the_brokers_not_the_codecs_default(make_broker: Any) -> None:
+    """``--max-head-size`` above the codec's 64 KiB default is honoured (the codec does not cut it again)."""
+    from .conftest import raw_exchange, status_of
+
+    b = make_broker(max_head_size=256 * 1024)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\nConnection: close\r\n\r\n"
+    assert status_of(raw_exchange(b.port, head)) == 200
