@@ -45,22 +45,31 @@ def policy_check_request(host: str, target: str) -> bytes:
 
 
 def policy_check_reason(raw: bytes) -> "Optional[str]":
-    """The ``reason`` of a ``policy_check`` answer (HTTP/1.1, maybe chunked); None if there is none."""
+    """The ``reason`` of a ``policy_check`` answer (a whole HTTP/1.1 response read to EOF, maybe
+    chunked, read with the package's codec); None if there is none or the answer is not HTTP."""
     import json
 
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"chunked" in head.lower():
-        decoded = b""
-        while body:
-            size_line, _, rest = body.partition(b"\r\n")
-            try:
-                size = int(size_line.split(b";")[0], 16)
-            except ValueError:
+    from . import http1
+
+    end = http1.head_end(raw)
+    try:
+        if end < 0:
+            return None
+        head = http1.parse_response_head(raw[:end])
+        kind, n = http1.response_framing(head, "POST")
+        body = raw[end:]
+        if kind == "chunked":
+            decoder = http1.ChunkedDecoder()
+            body = decoder.feed(body)
+            decoder.feed_eof()
+        elif kind == "length":
+            if len(body) < n:
                 return None
-            if size == 0:
-                break
-            decoded, body = decoded + rest[:size], rest[size + 2 :]
-        body = decoded
+            body = body[:n]
+        elif kind == "none":
+            body = b""
+    except http1.HttpError:
+        return None
     try:
         result = json.loads(body.decode("utf-8"))["result"]
     except (ValueError, KeyError, TypeError):

@@ -403,12 +403,18 @@ class _Garbage(Exception):
 
 
 class ResponseParser:
-    """A small incremental HTTP/1.x response reader (Content-Length, chunked, or until close).
+    """An incremental reader of the broker's HTTP/1.1 answer (``Content-Length``, chunked, or until
+    close), on the package's one codec (:mod:`agenshield_shim.http1`): the rules the broker reads
+    requests with are the rules its answers are read with.
 
     Sans-IO so that the socket and the asyncio paths share it; ``feed`` bytes, then ``feed_eof``.
+    ``headers`` are (lower-case name, value) pairs.
     """
 
     def __init__(self) -> None:
+        from . import http1
+
+        self._codec = http1
         self.status = 0
         self.reason = ""
         self.headers: List[Tuple[str, str]] = []
@@ -417,127 +423,74 @@ class ResponseParser:
         self._buf = bytearray()
         self._state = "head"
         self._left = 0
+        self._chunks: Any = None
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
-        while not self.done and self._step():
-            pass
+        try:
+            self._feed(data)
+        except self._codec.HttpError as exc:
+            raise _Garbage("sent %s" % exc.message) from None
 
     def feed_eof(self) -> None:
         """The broker closed: fine for a close-delimited body, else an incomplete answer."""
         if self._state == "close":
-            self.body += self._buf
-            self._buf.clear()
             self.done = True
         elif not self.done:
             if self._state == "head" and not self._buf:
                 raise _Garbage("closed the connection without answering")
             raise _Garbage("closed the connection in the middle of its answer")
 
-    def _line(self) -> Optional[bytes]:
-        end = self._buf.find(b"\r\n")
-        if end < 0:
-            if len(self._buf) > MAX_HEAD:
-                raise _Garbage("sent an over-long line")
-            return None
-        line = bytes(self._buf[:end])
-        del self._buf[: end + 2]
-        return line
-
-    def _step(self) -> bool:
-        """Advance one state; False when more bytes are needed."""
+    def _feed(self, data: bytes) -> None:
+        if self.done:
+            return
         state = self._state
         if state == "head":
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    raise _Garbage("sent a response head over %d bytes" % MAX_HEAD)
-                if len(self._buf) >= 5 and not self._buf.startswith(b"HTTP/"):
-                    raise _Garbage("answered something that is not HTTP: %r" % bytes(self._buf[:60]))
-                return False
-            head = bytes(self._buf[:end]).decode("latin-1")
-            del self._buf[: end + 4]
-            self._parse_head(head)
-            return True
+            self._buf += data
+            while self._state == "head":
+                end = self._codec.head_end(self._buf)
+                if end < 0:
+                    if len(self._buf) > MAX_HEAD:
+                        raise _Garbage("sent a response head over %d bytes" % MAX_HEAD)
+                    if len(self._buf) >= 5 and not self._buf.startswith(b"HTTP/"):
+                        raise _Garbage("answered something that is not HTTP: %r" % bytes(self._buf[:60]))
+                    return
+                head = bytes(self._buf[:end])
+                del self._buf[:end]
+                self._head(head)
+            data, self._buf = bytes(self._buf), bytearray()
+            state = self._state
         if state == "length":
-            take = min(self._left, len(self._buf))
-            self.body += self._buf[:take]
-            del self._buf[:take]
-            self._left -= take
-            if self._left == 0:
-                self.done = True
-            return take > 0
-        if state == "close":
-            self.body += self._buf
-            self._buf.clear()
-            return False
-        if state == "size":
-            line = self._line()
-            if line is None:
-                return False
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _Garbage("sent a bad chunk size %r" % line[:40]) from None
-            if size < 0:
-                raise _Garbage("sent a bad chunk size %r" % line[:40])
-            self._state, self._left = ("trailer", 0) if size == 0 else ("data", size)
-            return True
-        if state == "data":
-            take = min(self._left, len(self._buf))
-            self.body += self._buf[:take]
-            del self._buf[:take]
-            self._left -= take
-            if self._left == 0:
-                self._state = "crlf"
-                return True
-            return False
-        if state == "crlf":
-            if len(self._buf) < 2:
-                return False
-            if self._buf[:2] != b"\r\n":
-                raise _Garbage("sent a chunk without its CRLF")
-            del self._buf[:2]
-            self._state = "size"
-            return True
-        # trailer lines, up to an empty one
-        line = self._line()
-        if line is None:
-            return False
-        if line == b"":
-            self.done = True
-        return True
+            take = data[:self._left]
+            self.body += take
+            self._left -= len(take)
+            self.done = self._left == 0
+        elif state == "close":
+            self.body += data
+        elif state == "chunked":
+            self.body += self._chunks.feed(data)
+            self.done = self._chunks.done
 
-    def _parse_head(self, head: str) -> None:
-        lines = head.split("\r\n")
-        match = re.match(r"HTTP/1\.[01] (\d{3})(?: (.*))?$", lines[0])
-        if not match:
-            raise _Garbage("answered something that is not HTTP: %r" % lines[0][:60])
-        status = int(match.group(1))
-        headers = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise _Garbage("sent a malformed header line %r" % line[:60])
-            headers.append((name.lower(), value.strip()))
-        if 100 <= status < 200:  # an interim answer (we send no Expect, but be tolerant): read on
+    def _head(self, raw: bytes) -> None:
+        codec = self._codec
+        if not raw.startswith(b"HTTP/"):
+            raise _Garbage("answered something that is not HTTP: %r" % raw[:60])
+        head = codec.parse_response_head(raw, codec.Limits(max_head=MAX_HEAD))
+        if head.status < 200:  # an interim answer (we send no Expect, but be tolerant): read on
             return
-        self.status, self.reason, self.headers = status, match.group(2) or "", headers
-        te = ",".join(v for k, v in headers if k == "transfer-encoding").lower()
-        lengths = {v for k, v in headers if k == "content-length"}
-        if te:
-            if te.replace(" ", "").split(",")[-1] != "chunked":
-                raise _Garbage("used a transfer coding other than chunked: %r" % te)
-            self._state = "size"
-        elif lengths:
-            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-                raise _Garbage("sent a bad Content-Length %r" % sorted(lengths))
-            self._left = int(next(iter(lengths)))
-            self._state = "length"
-            if self._left == 0:
-                self.done = True
+        self.status, self.reason = head.status, head.reason
+        self.headers = [(k.lower(), v) for k, v in head.headers]
+        kind, n = codec.response_framing(head, "POST")
+        te = head.tokens("transfer-encoding")
+        if te and te != ["chunked"]:
+            raise _Garbage("used a transfer coding other than chunked: %r" % ", ".join(te))
+        if kind == "chunked":
+            self._state, self._chunks = "chunked", codec.ChunkedDecoder()
+        elif kind == "length":
+            self._state, self._left = "length", n
+            self.done = n == 0
         else:
             self._state = "close"
+            self.done = kind == "none"
 
 
 class LineParser:

@@ -14,7 +14,7 @@ Like :mod:`agenshield_shim._rpc`, it knows no HTTP library and imports none.
 """
 
 import re
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 from . import errors
 from ._rpc import RpcProtocolError, RpcResponse
@@ -35,7 +35,6 @@ _REQUEST_DROP = frozenset({
 _RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "trailer", "upgrade",
 })
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
@@ -104,18 +103,23 @@ def end_to_end_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, st
 class RequestAssembler:
     """Collects what a library writes to a virtual connection, one complete request at a time.
 
-    Framing follows RFC 9112 section 6: ``Transfer-Encoding: chunked`` wins over ``Content-Length``;
-    a request with neither has no body. So completion is known from the bytes alone, as a server
-    knows it, and a library that sends its body in many writes (urllib3's chunks, a file object,
-    aiohttp's stream writer) is assembled the same way.
+    Heads and framing are read with the package's one codec (:mod:`agenshield_shim.http1`), the
+    broker's rules: ``Content-Length``, ``chunked`` (trailers read and dropped) or no body, and
+    anything ambiguous refused. So completion is known from the bytes alone, as a server knows it,
+    and a library that sends its body in many writes (urllib3's chunks, a file object, aiohttp's
+    stream writer) is assembled the same way.
     """
 
     def __init__(self) -> None:
+        from . import http1
+
+        self._codec = http1
+        self._limits = http1.Limits(max_head=MAX_HEAD)
         self._buffer = bytearray()
         self._head: Optional[Tuple[str, str, str, List[Tuple[str, str]]]] = None
         self._body = bytearray()
         self._need: Optional[int] = None  # bytes of body still expected (Content-Length framing)
-        self._chunked = False
+        self._chunks: Any = None  # the ChunkedDecoder of a chunked body
         self._continue = False  # the pending request's head asked for "100 Continue" before its body
         self._done: List[WireRequest] = []
 
@@ -127,8 +131,11 @@ class RequestAssembler:
     def feed(self, data: bytes) -> None:
         """Add written bytes; raises :class:`WireError` on bytes that are not HTTP/1.1 requests."""
         self._buffer += data
-        while self._step():
-            pass
+        try:
+            while self._step():
+                pass
+        except self._codec.HttpError as exc:
+            raise WireError("not an HTTP/1.1 request the rpc transport can carry: %s" % exc.message) from None
 
     def pop(self) -> Optional[WireRequest]:
         """The oldest complete request, if any."""
@@ -148,8 +155,14 @@ class RequestAssembler:
     def _step(self) -> bool:
         if self._head is None:
             return self._parse_head()
-        if self._chunked:
-            return self._parse_chunk()
+        if self._chunks is not None:
+            self._body += self._chunks.feed(self._buffer)
+            self._buffer.clear()
+            if not self._chunks.done:
+                return False
+            self._buffer += self._chunks.unused
+            self._finish()
+            return True
         assert self._need is not None
         take = min(self._need, len(self._buffer))
         if take:
@@ -162,79 +175,31 @@ class RequestAssembler:
         return False
 
     def _parse_head(self) -> bool:
+        codec = self._codec
         while self._buffer[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
             del self._buffer[:2]
-        end = self._buffer.find(b"\r\n\r\n")
+        end = codec.head_end(self._buffer)
         if end < 0:
             if len(self._buffer) > MAX_HEAD:
                 raise WireError("request head larger than %d bytes" % MAX_HEAD)
             return False
-        raw = bytes(self._buffer[:end]).decode("latin-1")
-        del self._buffer[:end + 4]
-        lines = raw.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not parts[2].startswith("HTTP/1."):
-            raise WireError("malformed request line %r" % lines[0][:200])
-        headers: List[Tuple[str, str]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not _TOKEN.match(name):
-                raise WireError("malformed header line %r" % line[:200])
-            headers.append((name, value.strip(" \t")))
-        self._head = (parts[0], parts[1], parts[2], headers)
-        encodings = [v.strip().lower() for k, v in headers if k.lower() == "transfer-encoding" for v in v.split(",")]
-        lengths = {v.strip() for k, v in headers if k.lower() == "content-length"}
-        if encodings:
-            if encodings[-1] != "chunked":
-                raise WireError("request transfer-coding %r is not chunked" % ", ".join(encodings))
-            self._chunked = True
-        elif lengths:
-            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-                raise WireError("bad Content-Length %r" % sorted(lengths))
-            self._need = int(next(iter(lengths)))
+        head = codec.parse_request_head(self._buffer[:end], self._limits)
+        del self._buffer[:end]
+        self._head = (head.method, head.target, "HTTP/%d.%d" % head.version, head.headers)
+        kind, n = codec.request_framing(head, self._limits)
+        if kind == "chunked":
+            self._chunks = codec.ChunkedDecoder(limits=self._limits)
         else:
-            self._need = 0
-        self._continue = bool(self._chunked or self._need) and any(
-            k.lower() == "expect" and v.strip().lower() == "100-continue" for k, v in headers)
-        return True
-
-    def _parse_chunk(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > 4096:
-                raise WireError("chunk size line too long")
-            return False
-        size_text = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise WireError("malformed chunk size %r" % size_text[:40]) from None
-        if size < 0 or size_text[:1] in (b"-", b"+") or size_text[:2].lower() == b"0x":
-            raise WireError("malformed chunk size %r" % size_text[:40])
-        if size == 0:  # last chunk: trailers (ignored) up to an empty line
-            trailer_end = self._buffer.find(b"\r\n\r\n", end)
-            if trailer_end == end:  # no trailers: "0\r\n\r\n"
-                del self._buffer[:end + 4]
-            elif trailer_end < 0:
-                return False
-            else:
-                del self._buffer[:trailer_end + 4]
-            self._finish()
-            return True
-        if len(self._buffer) < end + 2 + size + 2:
-            return False
-        start = end + 2
-        if self._buffer[start + size:start + size + 2] != b"\r\n":
-            raise WireError("chunk of %d bytes not followed by CRLF" % size)
-        self._body += self._buffer[start:start + size]
-        del self._buffer[:start + size + 2]
+            self._need = n
+        self._continue = bool(self._chunks is not None or self._need) and any(
+            v.strip(" \t").lower() == "100-continue" for v in head.get_all("expect"))
         return True
 
     def _finish(self) -> None:
         assert self._head is not None
         method, target, version, headers = self._head
         self._done.append(WireRequest(method, target, version, headers, bytes(self._body)))
-        self._head, self._need, self._chunked, self._continue = None, None, False, False
+        self._head, self._need, self._chunks, self._continue = None, None, None, False
         self._body = bytearray()
 
 
@@ -257,9 +222,11 @@ def response_headers(response: RpcResponse, method: str) -> List[Tuple[str, str]
     not have come from a real upstream (a CR/LF in a value, a name that is not a token) would smuggle
     lines into the parser: it is a protocol error, never passed on.
     """
+    from .http1 import is_token
+
     out: List[Tuple[str, str]] = []
     for name, value in response.headers:
-        if not _TOKEN.match(name):
+        if not is_token(name):
             raise _bad(response, "header name %r" % name[:100])
         if _BAD_VALUE.search(value):
             raise _bad(response, "a CR, LF or NUL in the value of header %r" % name)

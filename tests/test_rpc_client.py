@@ -670,3 +670,32 @@ def test_body_round_trip_without_extension(compat: Running, upstream: Upstream, 
         return
     r = _rpc.http_request(compat.cfg, "POST", upstream.url + "/echo", {"Content-Type": "text/plain"}, body)
     assert r.body == body
+
+
+# -- one codec: the rules the broker reads requests with read its answers -----------------------------------
+
+_ANSWER = b'{"jsonrpc":"2.0","id":1,"result":{"allowed":false,"reason":"no rule"}}'
+
+
+@pytest.mark.parametrize("framing,ok", [
+    (b"Transfer-Encoding: chunked\r\n\r\n%x;a=b\r\n%s\r\n0\r\nX-T: 1\r\n\r\n" % (len(_ANSWER), _ANSWER), True),
+    (b"Content-Length: %d\r\n\r\n%s" % (len(_ANSWER), _ANSWER), True),
+    (b"Transfer-Encoding: chunked\r\n\r\n0x%x\r\n%s\r\n0\r\n\r\n" % (len(_ANSWER), _ANSWER), False),  # 0x
+    (b"Transfer-Encoding: chunked\r\n\r\n4_6\r\n%s\r\n0\r\n\r\n" % _ANSWER, False),  # int("4_6", 16) is 70
+    (b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n%s" % (len(_ANSWER), _ANSWER), False),
+])
+def test_broker_answers_are_read_with_the_codec(framing: bytes, ok: bool) -> None:
+    """The ``policy_check`` reason reader and the rpc ResponseParser refuse what the broker refuses
+    (they took ``0x46`` and ``4_6`` as chunk sizes, and Transfer-Encoding beside Content-Length)."""
+    from agenshield_shim._broker_client import policy_check_reason
+
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing
+    assert policy_check_reason(raw) == ("no rule" if ok else None)
+    parser = ResponseParser()
+    if ok:
+        parser.feed(raw)
+        assert parser.done and bytes(parser.body) == _ANSWER
+    else:
+        with pytest.raises(_rpc._Garbage):
+            parser.feed(raw)
+            parser.feed_eof()

@@ -228,3 +228,20 @@ def test_expect_continue_is_reported_once_while_the_body_is_awaited() -> None:
     # no body to wait for
     assembler.feed(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
     assert not assembler.take_continue() and assembler.pop() is not None
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nGET /x HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",
+    b"GET / HTTP/1.2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+])
+def test_assembler_reads_with_the_brokers_rules(raw: bytes) -> None:
+    """The virtual connection reads requests with the broker's codec: what the broker would refuse
+    (smuggling shapes it took before: ``1_0``, ``0x3``, a request line in a trailer, TE with CL) is a
+    WireError here too."""
+    with pytest.raises(WireError):
+        RequestAssembler().feed(raw)

@@ -171,7 +171,7 @@ async def handle_forward(services: Services, conn: Conn, head: RequestHead) -> b
         cw.write(_refusal(services, 403, "Blocked by AgenShield URL policy", "blocked-by-policy", decision.reason))
         await cw.drain()
         return False
-    framing = request_framing(head.headers)
+    framing = request_framing(head)
     connection = header_tokens(head.headers, "connection")
     upgrade = "upgrade" in connection and head.get("upgrade") is not None
     key = (scheme, host.text, port)

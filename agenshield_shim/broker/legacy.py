@@ -129,7 +129,7 @@ async def serve(services: Services, rpc: RpcService, conn: Conn, head: RequestHe
         return False
     http10 = head.version != (1, 1)
     keep = not http10 and (head.get("connection") or "").lower() != "close"
-    framing = request_framing(head.headers)
+    framing = request_framing(head)
     if head.method == "POST" and head.target == "/rpc":
         if (head.get("expect") or "").lower() == "100-continue":
             w.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -483,7 +483,7 @@ class Broker:
         w = conn.stream.writer
         path = head.target.split("?", 1)[0]
         keep = head.version == (1, 1) and (head.get("connection") or "").lower() != "close"
-        framing = request_framing(head.headers)
+        framing = request_framing(head)
         is_api = path == "/api/proxy" and not cfg.compat
         if head.method == "POST" and (path == "/rpc" or is_api):
             if framing[0] == "length" and framing[1] > cfg.max_body_size:
