@@ -199,7 +199,7 @@ def test_no_other_module_brackets_hosts_itself() -> None:
     """IPv6 brackets are written in one place (beside the guard's sealed copy, and selftest, which
     runs as a self-contained script inside other interpreters)."""
     allowed = {"authority.py", "_boot.py", "selftest.py"}
-    pattern = re.compile(r"""["']\[%s\]""")
+    pattern = re.compile(r"""["']\[%s\][:"']""")  # "[%s]:%d" or "[%s]", not a regex class like "[%s]+"
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "agenshield_shim").rglob("*.py")
                  if p.name not in allowed and pattern.search(p.read_text(encoding="utf-8"))]
     assert not offenders, offenders
