@@ -299,3 +299,82 @@ def test_a_locked_guard_checks_the_environment_of_children() -> None:
     unlocked, _ = make()
     unlocked("subprocess.Popen", ("python", ["python"], None, {"PYTHONPATH": "/tmp/x"}))
     unlocked("os.putenv", (b"PYTHONPATH", b"/tmp/x"))
+
+
+# -- teardown: the seccomp filter (installed only in child interpreters: it cannot be taken back) --
+
+
+@pytest.mark.parametrize("arch", _boot.SECCOMP_ARCHES, ids=[a[0] for a in _boot.SECCOMP_ARCHES])
+def test_the_teardown_filter_is_a_well_formed_program(arch: Any) -> None:
+    program = _boot.network_filter(arch)
+    assert len(program) % 8 == 0
+    count = len(program) // 8
+    instructions = [
+        (int.from_bytes(program[i:i + 2], "little"), program[i + 2], program[i + 3], int.from_bytes(program[i + 4:i + 8], "little"))
+        for i in range(0, len(program), 8)
+    ]
+    assert instructions[0] == (0x20, 0, 0, 4) and instructions[1][3] == arch[1]  # the architecture first
+    for index, (code, yes, no, _) in enumerate(instructions):
+        if code & 0x07 == 0x05:  # a jump lands inside the program
+            assert index + 1 + max(yes, no) < count
+    assert instructions[-1] == (0x06, 0, 0, 0x00050001)  # ends refusing (EPERM)
+
+
+def test_only_ctypes_own_functions_pass_for_the_teardown() -> None:
+    import _ctypes
+    import os
+
+    genuine = [_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function]
+    assert _boot._genuine_tools(list(genuine)) == genuine
+
+    def call_function(*args: Any) -> int:
+        return 0
+
+    for fake in ([], genuine[:2], [_ctypes.dlopen, _ctypes.dlsym, call_function], [os.open, os.stat, os.close],
+                 tuple(genuine), [_ctypes.dlsym, _ctypes.dlopen, _ctypes.call_function], None):
+        assert _boot._genuine_tools(fake) is None, fake
+
+
+FILTER_CHECK = """
+import _socket, errno, os, sys
+from agenshield_shim import _boot
+unix = _socket.socket(1, 1)
+udp = _socket.socket(2, 2)
+left, right = _socket.socketpair()
+_boot.prepare_teardown()
+assert _boot.close_network(_boot._genuine_tools(_boot._teardown_tools), _boot.seccomp_arch())
+def refused(call, *args):
+    try:
+        call(*args)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return False
+out = [
+    refused(_socket.socket, 2, 1), refused(_socket.socket, 10, 2), refused(_socket.socket, 16, 3),
+    refused(udp.sendto, b"x", ("127.0.0.1", 9)), refused(udp.connect, ("127.0.0.1", 9)),
+    refused(udp.sendmsg, [b"x"], [], 0, ("127.0.0.1", 9)), refused(udp.bind, ("127.0.0.1", 0)),
+    refused(unix.connect, "/nonexistent"),
+]
+_socket.socket(1, 1).close()  # Unix sockets can still be made, pairs still talk
+left.send(b"ok")
+out.append(right.recv(2) == b"ok")
+pid = os.fork()  # children inherit it
+if pid == 0:
+    os._exit(0 if refused(_socket.socket, 2, 1) else 1)
+out.append(os.waitpid(pid, 0)[1] == 0)
+print(out)
+"""
+
+
+def test_the_teardown_filter_refuses_the_network_and_lets_the_process_finish() -> None:
+    import os
+    import subprocess
+    import sys
+
+    if _boot.seccomp_arch() is None:
+        pytest.skip("no seccomp filter for this system")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", FILTER_CHECK], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=root, AGENSHIELD_ENABLED="false"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([True] * 10), result.stdout
