@@ -610,7 +610,7 @@ def network_filter(arch: "Any", _to=int.to_bytes, _join=b"".join, _len=len, _enu
     allow, deny = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     # (code, jump if true, jump if false, k); jumps name a label, resolved below
-    code = [(ld, 0, 0, 4), (jeq, 1, 0, arch[1]), (ret, 0, 0, deny), (ld, 0, 0, 0)]
+    code: "List[Any]" = [(ld, 0, 0, 4), (jeq, 1, 0, arch[1]), (ret, 0, 0, deny), (ld, 0, 0, 0)]
     if arch[3]:
         code.append((jge, "deny", 0, 0x40000000))  # __X32_SYSCALL_BIT
     for number in arch[6]:
@@ -625,7 +625,7 @@ def network_filter(arch: "Any", _to=int.to_bytes, _join=b"".join, _len=len, _enu
         "deny", (ret, 0, 0, deny),
     ]
     labels = {}
-    out = []
+    out: "List[Any]" = []
     for item in code:
         if item.__class__ is _str:
             labels[item] = _len(out)

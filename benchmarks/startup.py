@@ -27,7 +27,10 @@ matter are the ratios (of medians, and of lower quartiles, which noise moves les
    plain start the first table measures.
 
 ``--baseline REF`` adds, to tables 1 and 3, an environment with the shim built from that git
-ref (say ``main``): before and after a change, in the same interleaved run.
+ref (say ``main``): before and after a change, in the same interleaved run. ``--instructions``
+also counts, for the same columns, the instructions each start executes to its exit under
+``valgrind --tool=callgrind`` (the median of three, PYTHONHASHSEED=0): a figure the noise of a
+shared machine does not move, where wall time on it does.
 """
 
 import argparse
@@ -75,6 +78,16 @@ def wall(cmd: List[str], env: Dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+def instructions(cmd: List[str], env: Dict[str, str]) -> int:
+    """Instructions from start to exit (the process itself, not its children), by callgrind."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        env=dict(env, PYTHONHASHSEED="0"), capture_output=True, text=True, check=True,
+    ).stderr
+    line = [text for text in out.splitlines() if "Collected :" in text][-1]
+    return int(line.split(":")[-1])
+
+
 def inner(cmd: List[str], env: Dict[str, str]) -> float:
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -85,6 +98,7 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--baseline", metavar="GIT-REF", help="also measure the shim built from this ref")
+    parser.add_argument("--instructions", action="store_true", help="also count instructions (callgrind)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -127,6 +141,8 @@ def main() -> int:
             "import c-hook": (bare, BIG_IMPORT, "c"),
             "import sealed-hook": (bare, BIG_IMPORT, "sealed"),
         }
+        counts = {name: statistics.median(instructions(*columns[name]) for _ in range(3))
+                  for name in (columns if args.instructions else ())}
         guard: Dict[str, List[float]] = {name: [] for name in measures}
         for _ in range(max(5, args.runs // 4)):
             for name, (python, script, hook) in measures.items():
@@ -142,6 +158,11 @@ def main() -> int:
                 continue
             median, p25 = statistics.median(values), statistics.quantiles(values, n=4)[0]
             print("%-34s %10.2f %7.3fx %10.2f %7.3fx" % (name, median * 1000, median / base, p25 * 1000, p25 / low))
+    if counts:
+        print("%-34s %14s %8s %14s" % ("instructions, start to exit", "count", "ratio", "more than bare"))
+        for name, count in counts.items():
+            reference = counts["socket: bare" if name.startswith("socket:") else "bare"]
+            print("%-34s %14d %7.3fx %14d" % (name, count, count / reference, count - reference))
     print("%-28s %10s %8s" % ("guard on other events", "median ms", "ratio"))
     rows = (
         ("100,000 open() calls", "open shim", "open bare"),
