@@ -604,7 +604,7 @@ def network_filter(arch: "Any", _to=int.to_bytes, _join=b"".join, _len=len, _enu
     """The seccomp program (``struct sock_filter[]``) for one row of ``SECCOMP_ARCHES``.
 
     Another architecture's calls (i386 through ``int 0x80``, x32) are refused outright; socket()
-    is refused unless AF_UNIX; sendto() only with a destination; the rest of ``arch[6]`` always.
+    unless AF_UNIX; sendto() when it names a destination; the calls of ``arch[6]`` always.
     Everything else is allowed: the process must still be able to finish.
     """
     allow, deny = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
@@ -726,8 +726,11 @@ def teardown(
             pass
         return  # installed, or seccomp is not available here (README)
     if late or _alive():
-        _write(2, b"AgenShield: the network could not be closed for the interpreter's teardown (the guard's "
-                  b"preparation is missing); ending the process (status 120)\n")
+        try:
+            _write(2, b"AgenShield: the network could not be closed for the interpreter's teardown (the guard's "
+                      b"preparation is missing); ending the process (status 120)\n")
+        except _base:
+            pass  # no stderr: end all the same
         _exit(120)
 
 
