@@ -546,7 +546,7 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
 # sys.monitoring callbacks (3.12+), warnings state, the last cycles. A finalizer reachable from any
 # of them runs with no hook at all (checked on 3.8-3.13). CPython offers no seam after that
 # event, so the guard answers it with a layer below Python: a seccomp filter, inherited by every
-# thread and child, that refuses what could reach the network (``close_network``). The process is
+# thread and child, that refuses what could reach the network (``teardown``). The process is
 # ending; an embedding program that goes on after Py_FinalizeEx has no network left (README).
 #
 # The filter needs ``_ctypes`` (prctl, syscall), and at that event nothing can be imported any
@@ -560,185 +560,151 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
 # ``_ctypes`` costs 0.3-0.5 ms, so a process that never touches ``_socket`` does not pay it
 # (README, start-up cost). Whatever sits in the list of prepared functions is checked when used:
 # only ``_ctypes``'s own builtins pass. When nothing valid was prepared and ``_socket`` has been
-# loaded (past the import event, say, or the preparation was removed), the guard cannot
-# close the network, and ends the process (status 120) rather than run those finalizers.
+# loaded (past the import event, say, or the preparation was removed), or when installing the
+# filter raised (another audit hook can veto ``_ctypes``'s events), the guard cannot close the
+# network, and ends the process (status 120) rather than run those finalizers.
 
 SOCKET_MODULE = "_socket"
 #: Checked: once the hooks are gone, no extension module loads on these (SystemError, or a fatal
 #: error on 3.8 and 3.13). On 3.10-3.12 multi-phase modules do; ``_socket`` is one from 3.12.
 NO_LATE_SOCKET = frozenset(((3, 8), (3, 9), (3, 10), (3, 11), (3, 13)))
-#: (machine, AUDIT_ARCH_*, seccomp(2) number, x32 numbers exist, socket, sendto, always refused:
-#: connect, accept, accept4, sendmsg, sendmmsg, bind, listen, io_uring_setup/enter/register,
-#: pidfd_getfd). Other machines get no filter (README).
-SECCOMP_ARCHES = (
-    ("x86_64", 0xC000003E, 317, True, 41, 44, (42, 43, 288, 46, 307, 49, 50, 425, 426, 427, 438)),
-    ("aarch64", 0xC00000B7, 277, False, 198, 206, (203, 202, 242, 211, 269, 200, 201, 425, 426, 427, 438)),
+#: (machine, seccomp(2)'s number, the filter: ``struct sock_filter[]``), written by
+#: tools/seccomp_filter.py, which assembles them and says what they refuse (a test checks that
+#: they are its output; assembling them here would cost every start more than they do).
+SECCOMP_FILTERS = (
+    (
+        'x86_64',
+        317,
+        b' \x00\x00\x00\x04\x00\x00\x00\x15\x00\x01\x00>\x00\x00\xc0\x06\x00\x00\x00\x01\x00\x05\x00'
+        b' \x00\x00\x00\x00\x00\x00\x005\x00\x15\x00\x00\x00\x00@\x15\x00\x14\x00*\x00\x00\x00'
+        b'\x15\x00\x13\x00+\x00\x00\x00\x15\x00\x12\x00 \x01\x00\x00\x15\x00\x11\x00.\x00\x00\x00'
+        b'\x15\x00\x10\x003\x01\x00\x00\x15\x00\x0f\x001\x00\x00\x00\x15\x00\x0e\x002\x00\x00\x00'
+        b'\x15\x00\r\x00\xa9\x01\x00\x00\x15\x00\x0c\x00\xaa\x01\x00\x00\x15\x00\x0b\x00\xab\x01\x00\x00'
+        b'\x15\x00\n\x00\xb6\x01\x00\x00\x15\x00\x02\x00)\x00\x00\x00\x15\x00\x03\x00,\x00\x00\x00'
+        b'\x06\x00\x00\x00\x00\x00\xff\x7f \x00\x00\x00\x10\x00\x00\x00\x15\x00\x04\x05\x01\x00\x00\x00'
+        b' \x00\x00\x000\x00\x00\x00\x15\x00\x00\x03\x00\x00\x00\x00 \x00\x00\x004\x00\x00\x00'
+        b'\x15\x00\x00\x01\x00\x00\x00\x00\x06\x00\x00\x00\x00\x00\xff\x7f\x06\x00\x00\x00\x01\x00\x05\x00',
+    ),
+    (
+        'aarch64',
+        277,
+        b' \x00\x00\x00\x04\x00\x00\x00\x15\x00\x01\x00\xb7\x00\x00\xc0\x06\x00\x00\x00\x01\x00\x05\x00'
+        b' \x00\x00\x00\x00\x00\x00\x00\x15\x00\x14\x00\xcb\x00\x00\x00\x15\x00\x13\x00\xca\x00\x00\x00'
+        b'\x15\x00\x12\x00\xf2\x00\x00\x00\x15\x00\x11\x00\xd3\x00\x00\x00\x15\x00\x10\x00\r\x01\x00\x00'
+        b'\x15\x00\x0f\x00\xc8\x00\x00\x00\x15\x00\x0e\x00\xc9\x00\x00\x00\x15\x00\r\x00\xa9\x01\x00\x00'
+        b'\x15\x00\x0c\x00\xaa\x01\x00\x00\x15\x00\x0b\x00\xab\x01\x00\x00\x15\x00\n\x00\xb6\x01\x00\x00'
+        b'\x15\x00\x02\x00\xc6\x00\x00\x00\x15\x00\x03\x00\xce\x00\x00\x00\x06\x00\x00\x00\x00\x00\xff\x7f'
+        b' \x00\x00\x00\x10\x00\x00\x00\x15\x00\x04\x05\x01\x00\x00\x00 \x00\x00\x000\x00\x00\x00'
+        b'\x15\x00\x00\x03\x00\x00\x00\x00 \x00\x00\x004\x00\x00\x00\x15\x00\x00\x01\x00\x00\x00\x00'
+        b'\x06\x00\x00\x00\x00\x00\xff\x7f\x06\x00\x00\x00\x01\x00\x05\x00',
+    ),
 )
 #: ``_ctypes``'s functions the filter is installed with, filled by ``prepare_teardown``.
 TEARDOWN_TOOLS = ("dlopen", "dlsym", "call_function")
 _teardown_tools: "List[Any]" = []
+_multiarch = getattr(sys.implementation, "_multiarch", "")  # what this Python was built for (a 32-bit
+_machine = _multiarch.partition("-")[0] if _multiarch else os.uname().machine  # one on x86_64 says so)
+#: This machine's row of SECCOMP_FILTERS (64-bit little-endian Linux), or None: no filter here.
+SECCOMP = (
+    [row for row in SECCOMP_FILTERS if row[0] == _machine] + [None]
+    if sys.platform.startswith("linux") and sys.maxsize > 2**32 and sys.byteorder == "little"
+    else [None]
+)[0]
 
 
-def _machine() -> str:
-    """The machine this Python was built for: ``sys.implementation._multiarch`` (free to read; a
-    32-bit build on a 64-bit kernel says so), else the kernel's."""
-    multiarch = getattr(sys.implementation, "_multiarch", "")
-    return multiarch.partition("-")[0] if multiarch else os.uname().machine
-
-
-def seccomp_arch(
-    _machine=_machine() if sys.platform.startswith("linux") and sys.maxsize > 2**32 and sys.byteorder == "little" else "",
-    _arches=SECCOMP_ARCHES,
-) -> "Any":
-    """This machine's row of ``SECCOMP_ARCHES`` (64-bit little-endian Linux only), or None.
-
-    Decided when the module loads: at teardown ``os.uname()`` fails on 3.8 (its result type is gone).
-    """
-    for arch in _arches:
-        if arch[0] == _machine:
-            return arch
-    return None
-
-
-def network_filter(arch: "Any", _to=int.to_bytes, _join=b"".join, _len=len, _enumerate=enumerate, _str=str) -> bytes:
-    """The seccomp program (``struct sock_filter[]``) for one row of ``SECCOMP_ARCHES``.
-
-    Another architecture's calls (i386 through ``int 0x80``, x32) are refused outright; socket()
-    unless AF_UNIX; sendto() when it names a destination; the calls of ``arch[6]`` always.
-    Everything else is allowed: the process must still be able to finish.
-    """
-    allow, deny = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    # (code, jump if true, jump if false, k); jumps name a label, resolved below
-    code: "List[Any]" = [(ld, 0, 0, 4), (jeq, 1, 0, arch[1]), (ret, 0, 0, deny), (ld, 0, 0, 0)]
-    if arch[3]:
-        code.append((jge, "deny", 0, 0x40000000))  # __X32_SYSCALL_BIT
-    for number in arch[6]:
-        code.append((jeq, "deny", 0, number))
-    code += [
-        (jeq, "socket", 0, arch[4]),
-        (jeq, "sendto", 0, arch[5]),
-        (ret, 0, 0, allow),
-        "socket", (ld, 0, 0, 16), (jeq, "allow", "deny", 1),  # args[0] (family) == AF_UNIX
-        "sendto", (ld, 0, 0, 48), (jeq, 0, "deny", 0), (ld, 0, 0, 52), (jeq, "allow", "deny", 0),  # args[4] == NULL
-        "allow", (ret, 0, 0, allow),
-        "deny", (ret, 0, 0, deny),
-    ]
-    labels = {}
-    out: "List[Any]" = []
-    for item in code:
-        if item.__class__ is _str:
-            labels[item] = _len(out)
-        else:
-            out.append(item)
-    program = []
-    for index, (op, yes, no, k) in _enumerate(out):
-        yes = labels[yes] - index - 1 if yes.__class__ is _str else yes
-        no = labels[no] - index - 1 if no.__class__ is _str else no
-        program.append(_to(op, 2, "little") + _to(yes, 1, "little") + _to(no, 1, "little") + _to(k, 4, "little"))
-    return _join(program)
-
-
-def _genuine_tools(
-    tools: "Any", _type=type, _list=list, _builtin=type(len), _names=TEARDOWN_TOOLS, _len=len, _zip=zip
-) -> "Any":
-    """The prepared ``_ctypes`` functions if they are those (builtins of one module, by their C
-    names, which nobody can set), else None."""
-    if _type(tools) is not _list:
-        return None
-    found = tools[:]
-    if _len(found) != 3:
-        return None
-    owner = found[0].__self__ if _type(found[0]) is _builtin else None
-    for function, name in _zip(found, _names):
-        if _type(function) is not _builtin or function.__name__ != name or function.__self__ is not owner:
-            return None
-    return found
-
-
-def close_network(tools: "Any", arch: "Any", _filter=network_filter, _id=id, _to=int.to_bytes,
-                  _offset=bytes.__basicsize__ - 1, _len=len) -> bool:
-    """Install the teardown's seccomp filter (every thread, and this one at least); True if it holds."""
-    dlopen, dlsym, call = tools
-    program = _filter(arch)
-    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}: the filter is the
-    # bytes object's own buffer (CPython's bytes keep it at a fixed offset, immutable)
-    fprog = _to(_len(program) // 8, 2, "little") + b"\0\0\0\0\0\0" + _to(_id(program) + _offset, 8, "little")
-    libc = dlopen(None, 2)
-    prctl, syscall = dlsym(libc, "prctl"), dlsym(libc, "syscall")
-    if call(prctl, (38, 1, 0, 0, 0)) != 0:  # PR_SET_NO_NEW_PRIVS: needed without CAP_SYS_ADMIN
-        return False
-    for flags in (1, 0):  # SECCOMP_FILTER_FLAG_TSYNC; else this thread, the one that finalizes
-        if call(syscall, (arch[2], 1, flags, fprog)) == 0:  # SECCOMP_SET_MODE_FILTER
-            return True
-    return call(prctl, (22, 2, fprog)) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER: before Linux 3.17
-
-
-def socket_module_alive(_errors=OSError.__subclasses__, _module=type.__dict__["__module__"].__get__,
-                        _name=type.__dict__["__name__"].__get__) -> bool:
-    """Has ``_socket`` been initialised in this process, whoever imported it and however?
-
-    Its ``gaierror`` (an OSError subclass) outlives the module on 3.8-3.11 (CPython keeps a copy
-    of a single-phase module's dict) and lives with any of its types on 3.12+ (they hold their
-    module). Read through ``type``'s own getters: no metaclass code runs.
-    """
-    for kind in _errors():
-        if _name(kind) == "gaierror" and _module(kind) == "socket":
-            return True
-    return False
-
-
-def prepare_teardown(tools: "List[Any]" = _teardown_tools, _arch=seccomp_arch, _base=Exception) -> None:
-    """Fetch ``_ctypes``'s functions for ``close_network`` while imports still work (once)."""
-    if tools or _arch() is None:
+def prepare_teardown(tools: "List[Any]" = _teardown_tools, _seccomp=SECCOMP, _base=Exception) -> None:
+    """Fetch ``_ctypes``'s functions for ``teardown`` while imports still work (once)."""
+    if tools or _seccomp is None:
         return
     try:
         import _ctypes
     except _base:
-        return  # no _ctypes: at teardown the guard ends the process if a socket type is alive
+        return  # no _ctypes: at teardown the guard ends the process if _socket was loaded
     tools[:] = [_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function]
 
 
 def teardown(
-    tools: "List[Any]" = _teardown_tools,
+    tools: "Any" = _teardown_tools,
     late: bool = False,
-    _arch=seccomp_arch,
-    _genuine=_genuine_tools,
-    _close=close_network,
-    _alive=socket_module_alive,
+    _seccomp=SECCOMP,
+    _type=type,
+    _list=list,
+    _builtin=type(len),
+    _names=TEARDOWN_TOOLS,
+    _errors=OSError.__subclasses__,
+    _module=type.__dict__["__module__"].__get__,
+    _name=type.__dict__["__name__"].__get__,
+    _eq=str.__eq__,
+    _id=id,
+    _to=int.to_bytes,
+    _offset=bytes.__basicsize__ - 1,
+    _len=len,
     _write=os.write,
     _exit=os._exit,
     _base=BaseException,
-) -> None:
+) -> "Optional[bool]":
     """At TEARDOWN_EVENT: close the network below Python, or end the process if that cannot be done.
 
-    ``late``: something could reach the network after this event without a ``_socket`` type alive
-    now (``late_network``): then a missing preparation ends the process whatever is alive.
+    True: the filter holds; False: seccomp refused it (not available here); None: no filter for
+    this system. ``late``: ``LATE_SOCKET`` or --lock (a missing preparation then always ends it).
     """
-    arch = _arch()
-    if arch is None:
-        return  # no filter for this system (README: which layer stops what)
-    found = _genuine(tools)
+    if _seccomp is None:
+        return None  # README: which layer stops what
+    try:
+        # only _ctypes's own builtins pass: one module's, by their C names, which nobody can set
+        found: "Any" = tools[:] if _type(tools) is _list and _len(tools) == 3 else [None]
+        owner = found[0].__self__ if _type(found[0]) is _builtin else None
+        for index in (0, 1, 2):
+            function = found[index]
+            if _type(function) is not _builtin or function.__name__ != _names[index] or function.__self__ is not owner:
+                found = None
+                break
+    except _base:
+        found = None
     if found is not None:
         try:
-            _close(found, arch)
+            dlopen, dlsym, call = found
+            program = _seccomp[2]
+            # struct sock_fprog {unsigned short len; struct sock_filter *filter;}: the filter is
+            # the bytes object's own buffer (CPython keeps it at a fixed offset, immutable)
+            fprog = _to(_len(program) // 8, 2, "little") + b"\0\0\0\0\0\0" + _to(_id(program) + _offset, 8, "little")
+            libc = dlopen(None, 2)
+            prctl, syscall = dlsym(libc, "prctl"), dlsym(libc, "syscall")
+            if call(prctl, (38, 1, 0, 0, 0)) != 0:  # PR_SET_NO_NEW_PRIVS: needed without CAP_SYS_ADMIN
+                return False
+            for flags in (1, 0):  # SECCOMP_FILTER_FLAG_TSYNC; else this thread, the one that finalizes
+                if call(syscall, (_seccomp[1], 1, flags, fprog)) == 0:  # SECCOMP_SET_MODE_FILTER
+                    return True
+            return call(prctl, (22, 2, fprog)) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER: before Linux 3.17
         except _base:
-            pass
-        return  # installed, or seccomp is not available here (README)
-    if late or _alive():
+            alive = True  # refused: any audit hook can veto _ctypes's own events
+    else:
+        # Has _socket been loaded, whoever imported it and however? Its gaierror (an OSError
+        # subclass) outlives the module on 3.8-3.11 (CPython keeps a copy of a single-phase
+        # module's dict) and lives with any of its types on 3.12+ (they hold their module). Read
+        # through type's and str's own C code: no code of a class's runs.
+        alive = late
+        try:
+            for kind in _errors():
+                if _eq("gaierror", _name(kind)) is True and _eq("socket", _module(kind)) is True:
+                    alive = True
+        except _base:
+            alive = True  # a check that fails is no proof of absence
+    if alive:
         try:
             _write(2, b"AgenShield: the network could not be closed for the interpreter's teardown (the guard's "
-                      b"preparation is missing); ending the process (status 120)\n")
+                      b"preparation is missing, or was refused); ending the process (status 120)\n")
         except _base:
             pass  # no stderr: end all the same
         _exit(120)
+    return None
 
 
-def late_network(locked: bool) -> bool:
-    """Could this interpreter reach the network after TEARDOWN_EVENT with no ``_socket`` type alive
-    at that event? Then ``prepare_teardown`` runs at exit whatever was imported."""
-    version = sys.version_info[:2]
-    return locked or version not in NO_LATE_SOCKET or (SOCKET_MODULE in sys.builtin_module_names and version >= (3, 12))
+#: Could this interpreter reach the network after TEARDOWN_EVENT with no _socket loaded before it?
+#: Then ``prepare_teardown`` runs at exit whatever was imported (with --lock too).
+LATE_SOCKET = sys.version_info[:2] not in NO_LATE_SOCKET or (
+    SOCKET_MODULE in sys.builtin_module_names and sys.version_info >= (3, 12)
+)
 
 
 # -- the hook -------------------------------------------------------------------------------
@@ -799,7 +765,7 @@ def make_hook(
         _prepare=prepare_teardown,
         _teardown=teardown,
         _teardown_event=TEARDOWN_EVENT,
-        _late=late_network(locked),
+        _late=locked or LATE_SOCKET,
         _protected=(),
     ) -> None:
         target = None
@@ -935,11 +901,6 @@ PROTECTED_HELPERS = (
     format_destination,
     blocked_message,
     bind_message,
-    seccomp_arch,
-    network_filter,
-    _genuine_tools,
-    close_network,
-    socket_module_alive,
     prepare_teardown,
     teardown,
 )
@@ -977,7 +938,7 @@ def install(
     sys.addaudithook(seal(make_hook(policy, report, locked, inherited)))
     _active = policy
     _installs += 1
-    if _installs == 1 and (late_network(locked) or SOCKET_MODULE in sys.modules):
+    if _installs == 1 and (locked or LATE_SOCKET or SOCKET_MODULE in sys.modules):
         # no "import _socket" event is coming to prepare the teardown: do it at exit (30-40 µs
         # of start-up for atexit, only here)
         import atexit

@@ -3,10 +3,11 @@
 Usage: python benchmarks/teardown.py [--python PATH] [--runs N]
 
 Each round is a fresh interpreter of an environment with this checkout's shim (every step is
-once per process): the CPU time of ``prepare_teardown`` (fetching ``_ctypes``'s functions: what
-the import of ``_socket``, or the exit, pays), of ``network_filter`` (the program, built at
-teardown) and of ``close_network`` (no_new_privs and the seccomp filter, at teardown), and of
-``socket_module_alive`` (what a teardown without preparation checks). Medians and quartiles.
+once per process): the CPU time of ``teardown`` unprepared, in a process that never loaded
+``_socket`` (what every other process pays at exit: a scan of OSError's subclasses), of
+``prepare_teardown`` (fetching ``_ctypes``'s functions: what the import of ``_socket``, or the
+exit, pays) and of ``teardown`` prepared (no_new_privs and the seccomp filter). Medians and
+quartiles.
 """
 
 import argparse
@@ -23,11 +24,10 @@ ROUND = """
 import time
 from agenshield_shim import _boot
 clock = time.process_time_ns
-t0 = clock(); alive = _boot.socket_module_alive(); t1 = clock()
+t0 = clock(); assert _boot.teardown() is None; t1 = clock()
 _boot.prepare_teardown(); t2 = clock()
-arch = _boot.seccomp_arch(); program = _boot.network_filter(arch); t3 = clock()
-assert _boot.close_network(_boot._genuine_tools(_boot._teardown_tools), arch); t4 = clock()
-print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+assert _boot.teardown() is True; t3 = clock()
+print(t1 - t0, t2 - t1, t3 - t2)
 """
 
 
@@ -45,8 +45,8 @@ def main() -> int:
                                  capture_output=True, text=True, check=True).stdout
             rows.append([int(x) / 1000 for x in out.split()])
     print("Python %s, %d fresh interpreters, CPU time" % (python_version(args.python), args.runs))
-    for index, label in enumerate(("socket_module_alive", "prepare_teardown (_ctypes)", "network_filter",
-                                   "close_network (prctl, seccomp)")):
+    for index, label in enumerate(("teardown, nothing to close", "prepare_teardown (_ctypes)",
+                                   "teardown (prctl, seccomp)")):
         values = [row[index] for row in rows]
         q = statistics.quantiles(values, n=4)
         print("%-32s median %8.1f us   quartiles %.1f-%.1f us" % (label, statistics.median(values), q[0], q[2]))

@@ -304,35 +304,36 @@ def test_a_locked_guard_checks_the_environment_of_children() -> None:
 # -- teardown: the seccomp filter (installed only in child interpreters: it cannot be taken back) --
 
 
-@pytest.mark.parametrize("arch", _boot.SECCOMP_ARCHES, ids=[a[0] for a in _boot.SECCOMP_ARCHES])
-def test_the_teardown_filter_is_a_well_formed_program(arch: Any) -> None:
-    program = _boot.network_filter(arch)
+def _seccomp_tool() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("seccomp_filter", Path(__file__).parents[1] / "tools" / "seccomp_filter.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_teardown_filters_are_what_the_tool_assembles() -> None:
+    assert _boot.SECCOMP_FILTERS == _seccomp_tool().filters()
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_teardown_filter_is_a_well_formed_program(machine: str) -> None:
+    tool = _seccomp_tool()
+    program = tool.program(machine)
     assert len(program) % 8 == 0
     count = len(program) // 8
     instructions = [
         (int.from_bytes(program[i:i + 2], "little"), program[i + 2], program[i + 3], int.from_bytes(program[i + 4:i + 8], "little"))
         for i in range(0, len(program), 8)
     ]
-    assert instructions[0] == (0x20, 0, 0, 4) and instructions[1][3] == arch[1]  # the architecture first
+    assert instructions[0] == (0x20, 0, 0, 4) and instructions[1][3] == tool.ARCHES[machine][0]  # the architecture first
     for index, (code, yes, no, _) in enumerate(instructions):
         if code & 0x07 == 0x05:  # a jump lands inside the program
             assert index + 1 + max(yes, no) < count
     assert instructions[-1] == (0x06, 0, 0, 0x00050001)  # ends refusing (EPERM)
-
-
-def test_only_ctypes_own_functions_pass_for_the_teardown() -> None:
-    import _ctypes
-    import os
-
-    genuine = [_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function]
-    assert _boot._genuine_tools(list(genuine)) == genuine
-
-    def call_function(*args: Any) -> int:
-        return 0
-
-    for fake in ([], genuine[:2], [_ctypes.dlopen, _ctypes.dlsym, call_function], [os.open, os.stat, os.close],
-                 tuple(genuine), [_ctypes.dlsym, _ctypes.dlopen, _ctypes.call_function], None):
-        assert _boot._genuine_tools(fake) is None, fake
 
 
 FILTER_CHECK = """
@@ -342,7 +343,7 @@ unix = _socket.socket(1, 1)
 udp = _socket.socket(2, 2)
 left, right = _socket.socketpair()
 _boot.prepare_teardown()
-assert _boot.close_network(_boot._genuine_tools(_boot._teardown_tools), _boot.seccomp_arch())
+assert _boot.teardown() is True
 def refused(call, *args):
     try:
         call(*args)
@@ -366,15 +367,31 @@ print(out)
 """
 
 
-def test_the_teardown_filter_refuses_the_network_and_lets_the_process_finish() -> None:
+def _child(code: str) -> "subprocess.CompletedProcess[str]":
     import os
     import subprocess
     import sys
 
-    if _boot.seccomp_arch() is None:
+    if _boot.SECCOMP is None:
         pytest.skip("no seccomp filter for this system")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", FILTER_CHECK], capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, PYTHONPATH=root, AGENSHIELD_ENABLED="false"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=root, AGENSHIELD_ENABLED="false"))
+
+
+def test_the_teardown_filter_refuses_the_network_and_lets_the_process_finish() -> None:
+    result = _child(FILTER_CHECK)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str([True] * 10), result.stdout
+
+
+@pytest.mark.parametrize("fake", [
+    "[]", "[_ctypes.dlopen, _ctypes.dlsym]", "[_ctypes.dlopen, _ctypes.dlsym, lambda *a: 0]",
+    "[os.open, os.stat, os.close]", "(_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function)",
+    "[_ctypes.dlsym, _ctypes.dlopen, _ctypes.call_function]", "None",
+])
+def test_only_ctypes_own_functions_install_the_teardown_filter(fake: str) -> None:
+    # anything else in their place: no filter, and with _socket loaded the process ends (status 120)
+    result = _child("import _ctypes, _socket, os\nfrom agenshield_shim import _boot\nprint(_boot.teardown(%s))" % fake)
+    assert result.returncode == 120 and result.stdout == "", result.stdout + result.stderr
+    assert "AgenShield: the network could not be closed" in result.stderr

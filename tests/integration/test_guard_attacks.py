@@ -330,6 +330,13 @@ def test_whatever_the_finalizer_does_after_the_hooks_are_cleared(
 
 #: Ways to leave the guard without what it needs to close the network at teardown.
 UNPREPARED = {
+    "another audit hook vetoes _ctypes' calls then": (
+        "import _socket, socket, sys\n"
+        "def veto(event, args, prefix='ctypes.', error=RuntimeError):\n"
+        "    if event.startswith(prefix):\n"
+        "        raise error('vetoed')\n"
+        "sys.addaudithook(veto)"
+    ),
     "the prepared functions removed": (
         "import _socket, socket, sys\nboot = sys.modules.get('agenshield_shim._boot')\nboot and boot._teardown_tools.clear()"
     ),
