@@ -360,6 +360,8 @@ def test_a_teardown_the_guard_cannot_close_ends_the_process(
         assert "AgenShield: the network could not be closed for the interpreter's teardown" in result.stderr, output
     else:  # prepared again at exit (installed with --lock, 3.12): the filter holds
         assert "TEARDOWN BLOCKED PermissionError" in output and result.returncode == 0, output
+    if shim.version == "3.9" and "without an import event" in attack:
+        return  # no control: unguarded, 3.9 crashes (SIGSEGV) in that finalizer without the socket module
     control, hits, output = _run_teardown(shim, tcp_listener, udp_listener, code, DISABLED)
     assert hits >= 1 and control.returncode == 0, output
 
