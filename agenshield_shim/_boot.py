@@ -553,10 +553,10 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
 # more, so its three functions are fetched earlier ("prepared"): when ``_socket`` is first
 # imported (what an attacker needs then has to be loaded before: on 3.8-3.11 and 3.13 no
 # extension module loads once the hooks are gone, and imports fail), or at exit, through
-# ``atexit``, where something else can reach the network afterwards: installed with --lock (a
-# child exec'd with a weakening environment would inherit no guard, only the filter), on 3.12
-# (``_imp.create_dynamic`` still loads ``_socket`` there, never imported before), on unchecked
-# versions and where ``_socket`` is built into the interpreter on 3.12 and later. Loading
+# ``atexit``, with --lock, where something else can reach the network afterwards (a child exec'd
+# with a weakening environment would inherit no guard, only the filter; on 3.12, and on versions
+# not checked, ``_imp.create_dynamic`` can still load a ``_socket`` never imported before). Unlocked,
+# that 3.12 case is left to the OS layer: preparing at every exit costs 4% of a start there. Loading
 # ``_ctypes`` costs 0.3-0.5 ms, so a process that never touches ``_socket`` does not pay it
 # (README, start-up cost). Whatever sits in the list of prepared functions is checked when used:
 # only ``_ctypes``'s own builtins pass. When nothing valid was prepared and ``_socket`` has been
@@ -565,9 +565,9 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
 # network, and ends the process (status 120) rather than run those finalizers.
 
 SOCKET_MODULE = "_socket"
-#: Checked: once the hooks are gone, no extension module loads on these (SystemError, or a fatal
-#: error on 3.8 and 3.13). On 3.10-3.12 multi-phase modules do; ``_socket`` is one from 3.12.
-NO_LATE_SOCKET = frozenset(((3, 8), (3, 9), (3, 10), (3, 11), (3, 13)))
+# Checked: once the hooks are gone, no extension module loads on 3.8-3.11 and 3.13 (SystemError, or
+# a fatal error on 3.8 and 3.13). On 3.10-3.12 multi-phase modules do; ``_socket`` is one from 3.12:
+# there a ``_socket`` first loaded by such a finalizer is closed only with --lock (atexit below).
 #: (machine, seccomp(2)'s number, the filter: ``struct sock_filter[]``), written by
 #: tools/seccomp_filter.py, which assembles them and says what they refuse (a test checks that
 #: they are its output; assembling them here would cost every start more than they do).
@@ -646,7 +646,7 @@ def teardown(
     """At TEARDOWN_EVENT: close the network below Python, or end the process if that cannot be done.
 
     True: the filter holds; False: seccomp refused it (not available here); None: no filter for
-    this system. ``late``: ``LATE_SOCKET`` or --lock (a missing preparation then always ends it).
+    this system. ``late``: --lock (a missing preparation then always ends it).
     """
     if _seccomp is None:
         return None  # README: which layer stops what
@@ -698,13 +698,6 @@ def teardown(
             pass  # no stderr: end all the same
         _exit(120)
     return None
-
-
-#: Could this interpreter reach the network after TEARDOWN_EVENT with no _socket loaded before it?
-#: Then ``prepare_teardown`` runs at exit whatever was imported (with --lock too).
-LATE_SOCKET = sys.version_info[:2] not in NO_LATE_SOCKET or (
-    SOCKET_MODULE in sys.builtin_module_names and sys.version_info >= (3, 12)
-)
 
 
 # -- the hook -------------------------------------------------------------------------------
@@ -765,7 +758,7 @@ def make_hook(
         _prepare=prepare_teardown,
         _teardown=teardown,
         _teardown_event=TEARDOWN_EVENT,
-        _late=locked or LATE_SOCKET,
+        _late=locked,
         _protected=(),
     ) -> None:
         target = None
@@ -938,9 +931,11 @@ def install(
     sys.addaudithook(seal(make_hook(policy, report, locked, inherited)))
     _active = policy
     _installs += 1
-    if _installs == 1 and (locked or LATE_SOCKET or SOCKET_MODULE in sys.modules):
-        # no "import _socket" event is coming to prepare the teardown: do it at exit (30-40 µs
-        # of start-up for atexit, only here)
+    if _installs == 1 and (locked or SOCKET_MODULE in sys.modules):
+        # no "import _socket" event is coming to prepare the teardown, or (--lock) something else
+        # could reach the network after it: do it at exit (30-40 µs of start-up for atexit, only
+        # here). Not on 3.12 unlocked: 0.4 ms at every exit of every 3.12 process is over
+        # the start-up budget; that gap is --lock's and the OS layer's (README, Teardown).
         import atexit
 
         atexit.register(prepare_teardown)
