@@ -109,6 +109,8 @@ ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
 # refused at import: the "import" event carries the name, and an extension module's init symbol
 # is named after the last part of that name, so a copy under another package is caught too.
 SUBINTERPRETER_EVENT = "cpython.PyInterpreterState_New"
+# The last event of an interpreter's teardown that hooks see (see "teardown" below).
+TEARDOWN_EVENT = "cpython.PyInterpreterState_Clear"
 SUBINTERPRETER_MODULES = frozenset(
     ("_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_interpreters")
 )
@@ -131,7 +133,7 @@ WATCHED_EVENTS = (
     | TAMPER_EVENTS
     | ENV_EVENTS
     | SPAWN_EVENTS
-    | frozenset(("socket.__new__", BIND_EVENT, SUBINTERPRETER_EVENT, "import"))
+    | frozenset(("socket.__new__", BIND_EVENT, SUBINTERPRETER_EVENT, TEARDOWN_EVENT, "import"))
 )
 
 LOOPBACK_NAMES = frozenset(("localhost",))
@@ -537,6 +539,167 @@ def _address_parts(address: "Any", _len=_tuple_len, _get=_tuple_get, TypeError=T
     return (_get(address, 0), _get(address, 1))
 
 
+# -- teardown: the network closed when CPython stops calling the hooks -------------------------
+# When an interpreter ends, CPython raises "cpython.PyInterpreterState_Clear" (hooks still
+# called), then drops the hook list and only afterwards releases what the interpreter still holds:
+# the hooks themselves, codec search functions and error handlers, os.register_at_fork callbacks,
+# sys.monitoring callbacks (3.12+), warnings state, the last cycles. A finalizer reachable from any
+# of them runs with no hook at all (checked on 3.8-3.13). CPython offers no seam after that
+# event, so the guard answers it with a layer below Python: a seccomp filter, inherited by every
+# thread and child, that refuses what could reach the network (``teardown``). The process is
+# ending; an embedding program that goes on after Py_FinalizeEx has no network left (README).
+#
+# The filter needs ``_ctypes`` (prctl, syscall), and at that event nothing can be imported any
+# more, so its three functions are fetched earlier ("prepared"): when ``_socket`` is first
+# imported (what an attacker needs then has to be loaded before: on 3.8-3.11 and 3.13 no
+# extension module loads once the hooks are gone, and imports fail), or at exit, through
+# ``atexit``, with --lock, where something else can reach the network afterwards (a child exec'd
+# with a weakening environment would inherit no guard, only the filter; on 3.12, and on versions
+# not checked, ``_imp.create_dynamic`` can still load a ``_socket`` never imported before). Unlocked,
+# that 3.12 case is left to the OS layer: preparing at every exit costs 4% of a start there. Loading
+# ``_ctypes`` costs 0.3-0.5 ms, so a process that never touches ``_socket`` does not pay it
+# (README, start-up cost). Whatever sits in the list of prepared functions is checked when used:
+# only ``_ctypes``'s own builtins pass. When nothing valid was prepared and ``_socket`` has been
+# loaded (past the import event, say, or the preparation was removed), or when installing the
+# filter raised (another audit hook can veto ``_ctypes``'s events), the guard cannot close the
+# network, and ends the process (status 120) rather than run those finalizers.
+
+SOCKET_MODULE = "_socket"
+# Checked: once the hooks are gone, no extension module loads on 3.8-3.11 and 3.13 (SystemError, or
+# a fatal error on 3.8 and 3.13). On 3.10-3.12 multi-phase modules do; ``_socket`` is one from 3.12:
+# there a ``_socket`` first loaded by such a finalizer is closed only with --lock (atexit below).
+#: (machine, seccomp(2)'s number, the filter: ``struct sock_filter[]``), written by
+#: tools/seccomp_filter.py, which assembles them and says what they refuse (a test checks that
+#: they are its output; assembling them here would cost every start more than they do).
+SECCOMP_FILTERS = (
+    (
+        'x86_64',
+        317,
+        b' \x00\x00\x00\x04\x00\x00\x00\x15\x00\x01\x00>\x00\x00\xc0\x06\x00\x00\x00\x01\x00\x05\x00'
+        b' \x00\x00\x00\x00\x00\x00\x005\x00\x15\x00\x00\x00\x00@\x15\x00\x14\x00*\x00\x00\x00'
+        b'\x15\x00\x13\x00+\x00\x00\x00\x15\x00\x12\x00 \x01\x00\x00\x15\x00\x11\x00.\x00\x00\x00'
+        b'\x15\x00\x10\x003\x01\x00\x00\x15\x00\x0f\x001\x00\x00\x00\x15\x00\x0e\x002\x00\x00\x00'
+        b'\x15\x00\r\x00\xa9\x01\x00\x00\x15\x00\x0c\x00\xaa\x01\x00\x00\x15\x00\x0b\x00\xab\x01\x00\x00'
+        b'\x15\x00\n\x00\xb6\x01\x00\x00\x15\x00\x02\x00)\x00\x00\x00\x15\x00\x03\x00,\x00\x00\x00'
+        b'\x06\x00\x00\x00\x00\x00\xff\x7f \x00\x00\x00\x10\x00\x00\x00\x15\x00\x04\x05\x01\x00\x00\x00'
+        b' \x00\x00\x000\x00\x00\x00\x15\x00\x00\x03\x00\x00\x00\x00 \x00\x00\x004\x00\x00\x00'
+        b'\x15\x00\x00\x01\x00\x00\x00\x00\x06\x00\x00\x00\x00\x00\xff\x7f\x06\x00\x00\x00\x01\x00\x05\x00',
+    ),
+    (
+        'aarch64',
+        277,
+        b' \x00\x00\x00\x04\x00\x00\x00\x15\x00\x01\x00\xb7\x00\x00\xc0\x06\x00\x00\x00\x01\x00\x05\x00'
+        b' \x00\x00\x00\x00\x00\x00\x00\x15\x00\x14\x00\xcb\x00\x00\x00\x15\x00\x13\x00\xca\x00\x00\x00'
+        b'\x15\x00\x12\x00\xf2\x00\x00\x00\x15\x00\x11\x00\xd3\x00\x00\x00\x15\x00\x10\x00\r\x01\x00\x00'
+        b'\x15\x00\x0f\x00\xc8\x00\x00\x00\x15\x00\x0e\x00\xc9\x00\x00\x00\x15\x00\r\x00\xa9\x01\x00\x00'
+        b'\x15\x00\x0c\x00\xaa\x01\x00\x00\x15\x00\x0b\x00\xab\x01\x00\x00\x15\x00\n\x00\xb6\x01\x00\x00'
+        b'\x15\x00\x02\x00\xc6\x00\x00\x00\x15\x00\x03\x00\xce\x00\x00\x00\x06\x00\x00\x00\x00\x00\xff\x7f'
+        b' \x00\x00\x00\x10\x00\x00\x00\x15\x00\x04\x05\x01\x00\x00\x00 \x00\x00\x000\x00\x00\x00'
+        b'\x15\x00\x00\x03\x00\x00\x00\x00 \x00\x00\x004\x00\x00\x00\x15\x00\x00\x01\x00\x00\x00\x00'
+        b'\x06\x00\x00\x00\x00\x00\xff\x7f\x06\x00\x00\x00\x01\x00\x05\x00',
+    ),
+)
+#: ``_ctypes``'s functions the filter is installed with, filled by ``prepare_teardown``.
+TEARDOWN_TOOLS = ("dlopen", "dlsym", "call_function")
+_teardown_tools: "List[Any]" = []
+_multiarch = getattr(sys.implementation, "_multiarch", "")  # what this Python was built for (a 32-bit
+_machine = _multiarch.partition("-")[0] if _multiarch else os.uname().machine  # one on x86_64 says so)
+#: This machine's row of SECCOMP_FILTERS (64-bit little-endian Linux), or None: no filter here.
+SECCOMP = (
+    [row for row in SECCOMP_FILTERS if row[0] == _machine] + [None]
+    if sys.platform.startswith("linux") and sys.maxsize > 2**32 and sys.byteorder == "little"
+    else [None]
+)[0]
+
+
+def prepare_teardown(tools: "List[Any]" = _teardown_tools, _seccomp=SECCOMP, _base=Exception) -> None:
+    """Fetch ``_ctypes``'s functions for ``teardown`` while imports still work (once)."""
+    if tools or _seccomp is None:
+        return
+    try:
+        import _ctypes
+    except _base:
+        return  # no _ctypes: at teardown the guard ends the process if _socket was loaded
+    tools[:] = [_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function]
+
+
+def teardown(
+    tools: "Any" = _teardown_tools,
+    late: bool = False,
+    _seccomp=SECCOMP,
+    _type=type,
+    _list=list,
+    _builtin=type(len),
+    _names=TEARDOWN_TOOLS,
+    _errors=OSError.__subclasses__,
+    _module=type.__dict__["__module__"].__get__,
+    _name=type.__dict__["__name__"].__get__,
+    _eq=str.__eq__,
+    _id=id,
+    _to=int.to_bytes,
+    _offset=bytes.__basicsize__ - 1,
+    _len=len,
+    _write=os.write,
+    _exit=os._exit,
+    _base=BaseException,
+) -> "Optional[bool]":
+    """At TEARDOWN_EVENT: close the network below Python, or end the process if that cannot be done.
+
+    True: the filter holds; False: seccomp refused it (not available here); None: no filter for
+    this system. ``late``: --lock (a missing preparation then always ends it).
+    """
+    if _seccomp is None:
+        return None  # README: which layer stops what
+    try:
+        # only _ctypes's own builtins pass: one module's, by their C names, which nobody can set
+        found: "Any" = tools[:] if _type(tools) is _list and _len(tools) == 3 else [None]
+        owner = found[0].__self__ if _type(found[0]) is _builtin else None
+        for index in (0, 1, 2):
+            function = found[index]
+            if _type(function) is not _builtin or function.__name__ != _names[index] or function.__self__ is not owner:
+                found = None
+                break
+    except _base:
+        found = None
+    if found is not None:
+        try:
+            dlopen, dlsym, call = found
+            program = _seccomp[2]
+            # struct sock_fprog {unsigned short len; struct sock_filter *filter;}: the filter is
+            # the bytes object's own buffer (CPython keeps it at a fixed offset, immutable)
+            fprog = _to(_len(program) // 8, 2, "little") + b"\0\0\0\0\0\0" + _to(_id(program) + _offset, 8, "little")
+            libc = dlopen(None, 2)
+            prctl, syscall = dlsym(libc, "prctl"), dlsym(libc, "syscall")
+            if call(prctl, (38, 1, 0, 0, 0)) != 0:  # PR_SET_NO_NEW_PRIVS: needed without CAP_SYS_ADMIN
+                return False
+            for flags in (1, 0):  # SECCOMP_FILTER_FLAG_TSYNC; else this thread, the one that finalizes
+                if call(syscall, (_seccomp[1], 1, flags, fprog)) == 0:  # SECCOMP_SET_MODE_FILTER
+                    return True
+            return call(prctl, (22, 2, fprog)) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER: before Linux 3.17
+        except _base:
+            alive = True  # refused: any audit hook can veto _ctypes's own events
+    else:
+        # Has _socket been loaded, whoever imported it and however? Its gaierror (an OSError
+        # subclass) outlives the module on 3.8-3.11 (CPython keeps a copy of a single-phase
+        # module's dict) and lives with any of its types on 3.12+ (they hold their module). Read
+        # through type's and str's own C code: no code of a class's runs.
+        alive = late
+        try:
+            for kind in _errors():
+                if _eq("gaierror", _name(kind)) is True and _eq("socket", _module(kind)) is True:
+                    alive = True
+        except _base:
+            alive = True  # a check that fails is no proof of absence
+    if alive:
+        try:
+            _write(2, b"AgenShield: the network could not be closed for the interpreter's teardown (the guard's "
+                      b"preparation is missing, or was refused); ending the process (status 120)\n")
+        except _base:
+            pass  # no stderr: end all the same
+        _exit(120)
+    return None
+
+
 # -- the hook -------------------------------------------------------------------------------
 
 
@@ -590,6 +753,12 @@ def make_hook(
         _permission=PermissionError,
         _import=ImportError,
         _base=BaseException,
+        _socket_module=SOCKET_MODULE,
+        _tools=_teardown_tools,
+        _prepare=prepare_teardown,
+        _teardown=teardown,
+        _teardown_event=TEARDOWN_EVENT,
+        _late=locked,
         _protected=(),
     ) -> None:
         target = None
@@ -597,6 +766,11 @@ def make_hook(
         if event == "import":
             name = _exact(args[0])
             if name is not None and name.rpartition(".")[2] not in _subs:
+                if name == _socket_module and not _tools:
+                    try:
+                        _prepare(_tools)  # what closes the network at teardown, while imports work
+                    except _base:
+                        pass
                 return
             raise _import(
                 "AgenShield: %s cannot be imported in a guarded interpreter: it starts subinterpreters, "
@@ -674,6 +848,9 @@ def make_hook(
                 % ("its environment sets %s, which would let a Python child run without the guard" % (weak,)
                    if weak is not None else "its environment is not a dict of str or bytes, so it cannot be checked")
             )
+        elif event == _teardown_event:
+            _teardown(_tools, _late)
+            return
         elif event == "cpython.PyInterpreterState_New":
             raise _permission(
                 "AgenShield: subinterpreters cannot be created in a guarded interpreter: they run without the "
@@ -717,6 +894,8 @@ PROTECTED_HELPERS = (
     format_destination,
     blocked_message,
     bind_message,
+    prepare_teardown,
+    teardown,
 )
 
 
@@ -752,6 +931,14 @@ def install(
     sys.addaudithook(seal(make_hook(policy, report, locked, inherited)))
     _active = policy
     _installs += 1
+    if _installs == 1 and (locked or SOCKET_MODULE in sys.modules):
+        # no "import _socket" event is coming to prepare the teardown, or (--lock) something else
+        # could reach the network after it: do it at exit (30-40 µs of start-up for atexit, only
+        # here). Not on 3.12 unlocked: 0.4 ms at every exit of every 3.12 process is over
+        # the start-up budget; that gap is --lock's and the OS layer's (README, Teardown).
+        import atexit
+
+        atexit.register(prepare_teardown)
 
 
 def active_policy() -> "Optional[Policy]":

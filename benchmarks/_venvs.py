@@ -16,17 +16,25 @@ def clean_env(**extra: str) -> Dict[str, str]:
     return env
 
 
-def build_wheel(out: Path) -> Path:
+def build_wheel(out: Path, source: Path = ROOT) -> Path:
     """Build from a clean state: setuptools reuses build/, which can hold deleted modules."""
     import shutil
 
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    shutil.rmtree(source / "build", ignore_errors=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True, cwd=tempfile.gettempdir(),
     )
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    shutil.rmtree(source / "build", ignore_errors=True)
     return next(out.glob("agenshield_shim-*.whl"))
+
+
+def checkout(ref: str, target: Path) -> Path:
+    """This repository's tree at ``ref`` (a commit, a branch), exported to ``target``: a "before"."""
+    target.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
 
 
 def make_venv(python: str, target: Path, wheel: Optional[Path] = None, *packages: str) -> str:

@@ -1,6 +1,6 @@
 """Start-up cost of the shim, and the guard's cost on events that are not network events.
 
-Usage: python benchmarks/startup.py [--python PATH] [--runs N]
+Usage: python benchmarks/startup.py [--python PATH] [--runs N] [--baseline GIT-REF]
 
 Everything is measured side by side in one run, interleaved in a new random order
 each round, so the machine's noise falls on every column alike; the figures that
@@ -21,6 +21,16 @@ matter are the ratios (of medians, and of lower quartiles, which noise moves les
    (what a Python hook costs that nobody can switch tracing on in; see ``_boot.seal``).
    The large import gets the C and the sealed floors too: on 3.8 every code object
    unmarshalled raises a ``code.__new__`` event (6,000 of them here).
+3. Start to exit of ``python -c "import socket"`` in the bare and the shim environment: what
+   closing the network at teardown costs a process that loaded ``_socket`` (``_ctypes`` fetched
+   at its import, the seccomp filter installed when CPython clears the hooks), on top of the
+   plain start the first table measures.
+
+``--baseline REF`` adds, to tables 1 and 3, an environment with the shim built from that git
+ref (say ``main``): before and after a change, in the same interleaved run. ``--instructions``
+also counts, for the same columns, the instructions each start executes to its exit under
+``valgrind --tool=callgrind`` (the median of three, PYTHONHASHSEED=0): a figure the noise of a
+shared machine does not move, where wall time on it does.
 """
 
 import argparse
@@ -34,7 +44,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import bare_and_shim, clean_env, make_floor_venv, python_version  # noqa: E402
+from _venvs import bare_and_shim, build_wheel, checkout, clean_env, make_floor_venv, make_venv, python_version  # noqa: E402
 
 #: Run first by both in-process measurements. Its argument names the audit hook to add: none,
 #: or a floor (one that does nothing: written in C; written in Python; that one sealed, as ours is).
@@ -68,6 +78,16 @@ def wall(cmd: List[str], env: Dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+def instructions(cmd: List[str], env: Dict[str, str]) -> int:
+    """Instructions from start to exit (the process itself, not its children), by callgrind."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        env=dict(env, PYTHONHASHSEED="0"), capture_output=True, text=True, check=True,
+    ).stderr
+    line = [text for text in out.splitlines() if "Collected :" in text][-1]
+    return int(line.split(":")[-1])
+
+
 def inner(cmd: List[str], env: Dict[str, str]) -> float:
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -77,6 +97,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--baseline", metavar="GIT-REF", help="also measure the shim built from this ref")
+    parser.add_argument("--instructions", action="store_true", help="also count instructions (callgrind)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -90,7 +112,14 @@ def main() -> int:
             "shim enabled": ([shim, "-c", "pass"], on),
             "shim disabled": ([shim, "-c", "pass"], off),
             "any .pth (import os, sys)": ([floor, "-c", "pass"], on),
+            "socket: bare": ([bare, "-c", "import socket"], on),
+            "socket: shim enabled": ([shim, "-c", "import socket"], on),
         }
+        if args.baseline:
+            wheel = build_wheel(tmp / "baseline-wheel", checkout(args.baseline, tmp / "baseline-src"))
+            before = make_venv(args.python, tmp / "baseline", wheel)
+            columns["shim enabled (%s)" % args.baseline] = ([before, "-c", "pass"], on)
+            columns["socket: shim enabled (%s)" % args.baseline] = ([before, "-c", "import socket"], on)
         starts: Dict[str, List[float]] = {k: [] for k in columns}
         for _ in range(3):  # warm the file cache
             for cmd, env in columns.values():
@@ -112,18 +141,28 @@ def main() -> int:
             "import c-hook": (bare, BIG_IMPORT, "c"),
             "import sealed-hook": (bare, BIG_IMPORT, "sealed"),
         }
+        counts = {name: statistics.median(instructions(*columns[name]) for _ in range(3))
+                  for name in (columns if args.instructions else ())}
         guard: Dict[str, List[float]] = {name: [] for name in measures}
         for _ in range(max(5, args.runs // 4)):
             for name, (python, script, hook) in measures.items():
                 guard[name].append(inner([python, "-c", script, hook, str(target)], on))
     version = python_version(args.python)
     print("Python %s, %d interleaved runs" % (version, args.runs))
-    base = statistics.median(starts["bare"])
-    low = statistics.quantiles(starts["bare"], n=4)[0]
-    print("%-28s %10s %8s %10s %8s" % ("python -c pass", "median ms", "ratio", "p25 ms", "ratio"))
-    for name, values in starts.items():
-        median, p25 = statistics.median(values), statistics.quantiles(values, n=4)[0]
-        print("%-28s %10.2f %7.3fx %10.2f %7.3fx" % (name, median * 1000, median / base, p25 * 1000, p25 / low))
+    for title, reference in (("python -c pass", "bare"), ('python -c "import socket"', "socket: bare")):
+        base = statistics.median(starts[reference])
+        low = statistics.quantiles(starts[reference], n=4)[0]
+        print("%-34s %10s %8s %10s %8s" % (title, "median ms", "ratio", "p25 ms", "ratio"))
+        for name, values in starts.items():
+            if name.startswith("socket:") != reference.startswith("socket:"):
+                continue
+            median, p25 = statistics.median(values), statistics.quantiles(values, n=4)[0]
+            print("%-34s %10.2f %7.3fx %10.2f %7.3fx" % (name, median * 1000, median / base, p25 * 1000, p25 / low))
+    if counts:
+        print("%-34s %14s %8s %14s" % ("instructions, start to exit", "count", "ratio", "more than bare"))
+        for name, count in counts.items():
+            reference = counts["socket: bare" if name.startswith("socket:") else "bare"]
+            print("%-34s %14d %7.3fx %14d" % (name, count, count / reference, count - reference))
     print("%-28s %10s %8s" % ("guard on other events", "median ms", "ratio"))
     rows = (
         ("100,000 open() calls", "open shim", "open bare"),

@@ -301,3 +301,99 @@ def test_a_locked_guard_checks_the_environment_of_children() -> None:
     unlocked, _ = make()
     unlocked("subprocess.Popen", ("python", ["python"], None, {"PYTHONPATH": "/tmp/x"}))
     unlocked("os.putenv", (b"PYTHONPATH", b"/tmp/x"))
+
+
+# -- teardown: the seccomp filter (installed only in child interpreters: it cannot be taken back) --
+
+
+def _seccomp_tool() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("seccomp_filter", Path(__file__).parents[1] / "tools" / "seccomp_filter.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_teardown_filters_are_what_the_tool_assembles() -> None:
+    assert _boot.SECCOMP_FILTERS == _seccomp_tool().filters()
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_teardown_filter_is_a_well_formed_program(machine: str) -> None:
+    tool = _seccomp_tool()
+    program = tool.program(machine)
+    assert len(program) % 8 == 0
+    count = len(program) // 8
+    instructions = [
+        (int.from_bytes(program[i:i + 2], "little"), program[i + 2], program[i + 3], int.from_bytes(program[i + 4:i + 8], "little"))
+        for i in range(0, len(program), 8)
+    ]
+    assert instructions[0] == (0x20, 0, 0, 4) and instructions[1][3] == tool.ARCHES[machine][0]  # the architecture first
+    for index, (code, yes, no, _) in enumerate(instructions):
+        if code & 0x07 == 0x05:  # a jump lands inside the program
+            assert index + 1 + max(yes, no) < count
+    assert instructions[-1] == (0x06, 0, 0, 0x00050001)  # ends refusing (EPERM)
+
+
+FILTER_CHECK = """
+import _socket, errno, os, sys
+from agenshield_shim import _boot
+unix = _socket.socket(1, 1)
+udp = _socket.socket(2, 2)
+left, right = _socket.socketpair()
+_boot.prepare_teardown()
+assert _boot.teardown() is True
+def refused(call, *args):
+    try:
+        call(*args)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return False
+out = [
+    refused(_socket.socket, 2, 1), refused(_socket.socket, 10, 2), refused(_socket.socket, 16, 3),
+    refused(udp.sendto, b"x", ("127.0.0.1", 9)), refused(udp.connect, ("127.0.0.1", 9)),
+    refused(udp.sendmsg, [b"x"], [], 0, ("127.0.0.1", 9)), refused(udp.bind, ("127.0.0.1", 0)),
+    refused(unix.connect, "/nonexistent"),
+]
+_socket.socket(1, 1).close()  # Unix sockets can still be made, pairs still talk
+left.send(b"ok")
+out.append(right.recv(2) == b"ok")
+pid = os.fork()  # children inherit it
+if pid == 0:
+    os._exit(0 if refused(_socket.socket, 2, 1) else 1)
+out.append(os.waitpid(pid, 0)[1] == 0)
+print(out)
+"""
+
+
+def _child(code: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    if _boot.SECCOMP is None:
+        pytest.skip("no seccomp filter for this system")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=root, AGENSHIELD_ENABLED="false"))
+
+
+def test_the_teardown_filter_refuses_the_network_and_lets_the_process_finish() -> None:
+    result = _child(FILTER_CHECK)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([True] * 10), result.stdout
+
+
+@pytest.mark.parametrize("fake", [
+    "[]", "[_ctypes.dlopen, _ctypes.dlsym]", "[_ctypes.dlopen, _ctypes.dlsym, lambda *a: 0]",
+    "[os.open, os.stat, os.close]", "(_ctypes.dlopen, _ctypes.dlsym, _ctypes.call_function)",
+    "[_ctypes.dlsym, _ctypes.dlopen, _ctypes.call_function]", "None",
+])
+def test_only_ctypes_own_functions_install_the_teardown_filter(fake: str) -> None:
+    # anything else in their place: no filter, and with _socket loaded the process ends (status 120)
+    result = _child("import _ctypes, _socket, os\nfrom agenshield_shim import _boot\nprint(_boot.teardown(%s))" % fake)
+    assert result.returncode == 120 and result.stdout == "", result.stdout + result.stderr
+    assert "AgenShield: the network could not be closed" in result.stderr

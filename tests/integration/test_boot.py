@@ -60,6 +60,8 @@ def test_enabled_boot_imports_no_socket_asyncio_or_wrapt(shim: ShimEnv) -> None:
     assert "agenshield_shim._boot" in modules
     # the boot is one module: each module imported at start costs every process (benchmarks/startup.py)
     assert sorted(m for m in modules if m.startswith("agenshield_shim")) == ["agenshield_shim", "agenshield_shim._boot"]
+    # what closes the network at teardown loads with _socket (_ctypes), at exit only with --lock (atexit)
+    assert "_ctypes" not in modules and "atexit" not in modules, modules
 
 
 def test_hooks_bring_no_other_module_with_them(shim: ShimEnv, bare: ShimEnv) -> None:
@@ -68,10 +70,13 @@ def test_hooks_bring_no_other_module_with_them(shim: ShimEnv, bare: ShimEnv) -> 
     hooked = imported(shim, "socket, http.client")
     plain = imported(bare, "socket, http.client")
     assert "agenshield_shim.hooks.http_client" in hooked
-    # beside ours, only the codec site uses to read any .pth (bare venvs of 3.12+ have none), and
-    # __future__ (0.1 ms), for the ``from __future__ import annotations`` of the http.client hook
+    # beside ours, only the codec site uses to read any .pth (bare venvs of 3.12+ have none),
+    # __future__ (0.1 ms), for the ``from __future__ import annotations`` of the http.client hook,
+    # and _ctypes, which the guard fetches at _socket's import to close the network at teardown
+    # (_boot's teardown section)
     extra = {m for m in hooked - plain if m.partition(".")[0] != "agenshield_shim"}
-    assert extra <= {"encodings.utf_8_sig", "__future__"}, extra
+    assert extra <= {"encodings.utf_8_sig", "__future__", "_ctypes"}, extra
+    assert "_ctypes" in extra, extra
 
 
 @pytest.mark.parametrize(
