@@ -113,20 +113,24 @@ def chunked_bodies(draw: Any) -> bytes:
 _MUTATIONS = [b"\n", b"\r", b" ", b"\t", b"0", b"x", b";", b"_", b"\x00", b"\xa0", b"\r\n", b"0x"]
 
 
-@st.composite
-def mutated(draw: Any) -> bytes:
-    body = bytearray(draw(chunked_bodies()))
-    for _ in range(draw(st.integers(1, 3))):
-        if not body:
+def _mutate(draw: Any, message: bytes, pieces: List[bytes], most: int) -> bytes:
+    """Up to ``most`` edits at drawn places: a byte deleted, replaced or preceded by one of ``pieces``."""
+    buf = bytearray(message)
+    for _ in range(draw(st.integers(1, most))):
+        if not buf:
             break
-        i = draw(st.integers(0, len(body) - 1))
+        i = draw(st.integers(0, len(buf) - 1))
         how = draw(st.sampled_from(["insert", "replace", "delete"]))
         if how == "delete":
-            del body[i]
+            del buf[i]
         else:
-            piece = draw(st.sampled_from(_MUTATIONS))
-            body[i:i + (1 if how == "replace" else 0)] = piece
-    return bytes(body)
+            buf[i:i + (1 if how == "replace" else 0)] = draw(st.sampled_from(pieces))
+    return bytes(buf)
+
+
+@st.composite
+def mutated(draw: Any) -> bytes:
+    return _mutate(draw, draw(chunked_bodies()), _MUTATIONS, 3)
 
 
 def _check(body: bytes) -> None:
@@ -234,15 +238,7 @@ _HEAD_MUTATIONS = [b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b"\x00", b"\xa0", b
 
 @st.composite
 def mutated_requests(draw: Any) -> bytes:
-    message = bytearray(draw(request_messages()))
-    for _ in range(draw(st.integers(1, 2))):
-        i = draw(st.integers(0, len(message) - 1))
-        how = draw(st.sampled_from(["insert", "replace", "delete"]))
-        if how == "delete":
-            del message[i]
-        else:
-            message[i:i + (1 if how == "replace" else 0)] = draw(st.sampled_from(_HEAD_MUTATIONS))
-    return bytes(message)
+    return _mutate(draw, draw(request_messages()), _HEAD_MUTATIONS, 2)
 
 
 def _check_request(message: bytes) -> None:
@@ -451,15 +447,7 @@ def codec_requests(draw: Any) -> bytes:
 
 @st.composite
 def mutated_codec_requests(draw: Any) -> bytes:
-    message = bytearray(draw(codec_requests()))
-    for _ in range(draw(st.integers(1, 3))):
-        i = draw(st.integers(0, len(message) - 1))
-        how = draw(st.sampled_from(["insert", "replace", "delete"]))
-        if how == "delete":
-            del message[i]
-        else:
-            message[i:i + (1 if how == "replace" else 0)] = draw(st.sampled_from(_HEAD_MUTATIONS + [b"\x01", b"\x7f"]))
-    return bytes(message)
+    return _mutate(draw, draw(codec_requests()), _HEAD_MUTATIONS + [b"\x01", b"\x7f"], 3)
 
 
 @settings(max_examples=300, deadline=None)
@@ -506,15 +494,7 @@ def response_messages(draw: Any) -> Tuple[bytes, str]:
 @st.composite
 def mutated_responses(draw: Any) -> Tuple[bytes, str]:
     message, method = draw(response_messages())
-    buf = bytearray(message)
-    for _ in range(draw(st.integers(1, 3))):
-        i = draw(st.integers(0, len(buf) - 1))
-        how = draw(st.sampled_from(["insert", "replace", "delete"]))
-        if how == "delete":
-            del buf[i]
-        else:
-            buf[i:i + (1 if how == "replace" else 0)] = draw(st.sampled_from(_HEAD_MUTATIONS + [b"\x01", b"\x7f", b";"]))
-    return bytes(buf), method
+    return _mutate(draw, message, _HEAD_MUTATIONS + [b"\x01", b"\x7f", b";"], 3), method
 
 
 def _check_response(message: bytes, method: str, cut: int) -> None:
