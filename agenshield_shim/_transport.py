@@ -30,7 +30,7 @@ from ._rpc import broker_name as _broker_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Dict, Optional, Tuple
+    from typing import Any, Callable, Dict, Optional, Tuple
 
 TUNNEL = "tunnel"
 RPC = "rpc"
@@ -56,7 +56,7 @@ class Choice:
         return "Choice(%r, %r)" % (self.transport, self.reason)
 
 
-_probed: "Dict[Tuple[Any, ...], Choice]" = {}
+_probed: "Dict[Tuple[Any, ...], Choice]" = {}  # never rebound: learned() holds its get
 _lock = threading.Lock()
 
 
@@ -117,6 +117,22 @@ def not_a_proxy(config: Config, deadline_s: "Optional[float]" = None) -> bool:
     like one that is not a proxy: a dropped ``CONNECT``, a 404 to a forwarded request."""
     choice = probe(config, deadline_s)
     return choice is not None and choice.transport != TUNNEL
+
+
+def learned(config: Config) -> "Callable[[], Optional[Choice]]":
+    """For a hook's per-request path: a function that gives the choice known for this broker now,
+    asking nothing (under ``auto``: ``None`` before the probe answered, or after :func:`forget`).
+
+    Why a function made once (a C-level one: no Python frame per call): a hook asks before every
+    request, and on a keep-alive request the broker's key, a coroutine and an executor hop were
+    most of what the shim added to aiohttp.
+    """
+    if config.transport != "auto":
+        fixed = chosen(config)
+        return lambda: fixed
+    import functools
+
+    return functools.partial(_probed.get, _key(config))  # the one dict: forget() clears it in place
 
 
 async def choose_async(config: Config, deadline_s: "Optional[float]" = None) -> str:

@@ -100,6 +100,24 @@ def test_reference_broker_advertises_the_tunnel(reference: Reference) -> None:
         assert choice is not None and "tunnel extension" in choice.reason
 
 
+def test_learned_follows_the_probe_and_forget(reference: Reference) -> None:
+    """What a hook asks per request: nothing before the probe, the choice after it, nothing again
+    once forgotten (the broker replaced), whichever way it was forgotten; explicit transports as set."""
+    config = auto(broker_host="127.0.0.1", broker_port=reference.thread.port)
+    other = auto(broker_host="127.0.0.1", broker_port=reference.thread.port, broker_socket=reference.unix)
+    learned, learned_other = _transport.learned(config), _transport.learned(other)
+    assert learned() is None and learned_other() is None
+    assert _transport.choose(config) == "tunnel"
+    assert learned() is _transport.chosen(config) and learned_other() is None  # one broker's, not the other's
+    _transport.forget(config)
+    assert learned() is None
+    assert _transport.choose(config) == "tunnel" and learned() is not None
+    _transport.forget()
+    assert learned() is None
+    for name in ("tunnel", "rpc"):
+        assert _transport.learned(Config(transport=name))().transport == name  # type: ignore[union-attr]
+
+
 def test_compat_broker_is_a_proxy_without_saying_so(compat: Reference) -> None:
     """``--compat`` (the daemon's later source) advertises nothing but serves CONNECT: learned by the probe."""
     config = auto(broker_host="127.0.0.1", broker_port=compat.thread.port)

@@ -70,6 +70,10 @@ from .. import authority, errors
 from .._broker_client import FORWARD_REFUSAL_BODIES, ask_broker_reason
 from .._config import Config
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from .._transport import Choice
+
 TARGET = "aiohttp"
 #: The releases this hook is for, as data (``selftest`` reads it, a unit test checks the README says
 #: it): (distribution, oldest, newest tested or None for "and later", why a release before the
@@ -78,6 +82,10 @@ VERSIONS = (("aiohttp", "3.9", "3.14", None),)
 
 #: Plain-text bodies of the broker's forward-proxy refusals (the daemon's, without X-Proxy-Error).
 _PLAIN_SCHEMES = ("http", "ws")
+#: The only statuses :meth:`_Router.forward_error` can take for the broker's: the others skip it.
+_BROKER_STATUSES = frozenset((403, 404, 405, 501, 502))
+#: ``_transport.RPC``, which is not imported here: ``_transport`` loads the rpc core.
+_RPC = "rpc"
 
 #: What only the tunnel transport can carry (``except agenshield_shim.hooks.aiohttp.TunnelOnlyError``):
 #: a class in every transport, the shared :class:`agenshield_shim.TunnelOnlyError` until aiohttp is
@@ -124,17 +132,43 @@ def _install_tunnel(module: ModuleType, config: Config) -> None:
         return
     router = _Router(module, config)
     auto = _Auto(module, config) if config.transport == "auto" else None
+    tcp_connector = module.TCPConnector
+    proxy = router.proxy
+    translated = router.translated
 
+    # Every keep-alive request runs this, so it is one coroutine that asks nothing: one isinstance,
+    # under auto one dict lookup (the broker is asked once, on the slow path), and three kwargs.
     @functools.wraps(original)
     async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
-        if not router.routes(self):
-            return await original(self, method, str_or_url, **kwargs)
-        if auto is not None and await auto.rpc(self, kwargs):
-            return await original(self, method, str_or_url, **kwargs)  # the rpc connector carries it
-        return await router.request(original, self, method, str_or_url, kwargs)
+        if not isinstance(getattr(self, "_connector", None), tcp_connector):
+            return await original(self, method, str_or_url, **kwargs)  # a local socket, not the network
+        if auto is not None:
+            choice = auto.learned()
+            if (await auto.choose(self, kwargs) if choice is None else choice.transport) == _RPC:
+                auto.install()
+                return await original(self, method, str_or_url, **kwargs)  # the rpc connector carries it
+        # The app's proxy (argument, session default, environment) is replaced; credentials and
+        # headers meant for that proxy are not sent to the broker.
+        kwargs["proxy"] = proxy
+        kwargs.pop("proxy_auth", None)
+        kwargs["proxy_headers"] = None
+        try:
+            response = await original(self, method, str_or_url, **kwargs)
+        except translated as exc:
+            error = await router.error_for(exc, str_or_url)
+            if error is None:
+                raise
+            raise error from exc
+        if response.status in _BROKER_STATUSES:
+            return await router.check_forwarded(response)
+        return response  # any other status is never the broker's (forward_error says None for it)
 
     _request.__agenshield_original__ = original  # type: ignore[attr-defined]
     session_class._request = _request
+
+
+def _nothing_learned() -> "Optional[Choice]":
+    return None
 
 
 class _Auto:
@@ -145,16 +179,22 @@ class _Auto:
         self.module = module
         self.config = config
         self.installed = False
+        #: The transport learned for the broker, asking nothing (``_transport.learned``'s, from the
+        #: first request on: ``_transport`` loads the rpc core, which aiohttp's import must not).
+        self.learned: "Callable[[], Optional[Choice]]" = _nothing_learned
 
-    async def rpc(self, session: Any, kwargs: Any) -> bool:
-        from .._transport import RPC, choose_async
+    async def choose(self, session: Any, kwargs: Any) -> str:
+        """Nothing learned yet: ask the broker (in the loop's executor, once per broker and process)."""
+        from .. import _transport
 
-        if await choose_async(self.config, _connect_timeout(session, kwargs)) != RPC:
-            return False
+        self.learned = _transport.learned(self.config)
+        return await _transport.choose_async(self.config, _connect_timeout(session, kwargs))
+
+    def install(self) -> None:
+        """The rpc connector, the first time the rpc transport is the one in use."""
         if not self.installed:
             self.installed = True
             _install_rpc(self.module, self.config, self.active)
-        return True
 
     def active(self) -> bool:
         from .._transport import RPC, current
@@ -184,39 +224,27 @@ class _Router:
         self.port = config.broker_port
         self.proxy = authority.proxy_url(self.host, self.port)
         self.broker = config.broker
-        self.tcp_connector = module.TCPConnector
+        #: What aiohttp raises that :meth:`error_for` may say more precisely.
+        self.translated = (module.ClientHttpProxyError, module.ClientProxyConnectionError,
+                           module.ServerDisconnectedError, module.ClientResponseError)
 
-    def routes(self, session: Any) -> bool:
-        """Only sessions that open TCP connections go through the broker."""
-        return isinstance(getattr(session, "_connector", None), self.tcp_connector)
-
-    async def request(self, original: Any, session: Any, method: str, url: Any, kwargs: Any) -> Any:
-        # The app's proxy (argument, session default, environment) is replaced; credentials and
-        # headers meant for that proxy are not sent to the broker.
-        kwargs["proxy"] = self.proxy
-        kwargs.pop("proxy_auth", None)
-        kwargs["proxy_headers"] = None
+    async def error_for(self, exc: Any, url: Any) -> Optional[Exception]:
+        """What to raise instead of one of :attr:`translated` that aiohttp raised (None: that one)."""
         errors = self.errors
-        try:
-            response = await original(session, method, url, **kwargs)
-        except errors.ClientHttpProxyError as exc:
-            raise await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers) from exc
-        except errors.ClientProxyConnectionError as exc:
-            raise self.unreachable(exc) from exc
-        except errors.ServerDisconnectedError as exc:
+        if isinstance(exc, errors.ClientHttpProxyError):
+            return await self.refused(exc.request_info, exc.history, exc.status, exc.message, exc.headers)
+        if isinstance(exc, errors.ClientProxyConnectionError):
+            return self.unreachable(exc)
+        if isinstance(exc, errors.ServerDisconnectedError):
             # the daemon 0.7.2 drops a CONNECT without a word: say that it does not tunnel
             if str(url).split(":", 1)[0].lower() in _PLAIN_SCHEMES or not await self.not_a_proxy():
-                raise
+                return None
             from .._transport import CLOSED, not_a_proxy_message
 
-            raise errors.ClientConnectionError(not_a_proxy_message(self.broker, CLOSED, str(url))) from exc
-        except errors.ClientResponseError as exc:
-            # raise_for_status=True raised on a forwarded request the broker refused
-            error = await self.forward_error(exc.request_info, exc.history, exc.status, exc.headers, None)
-            if error is None:
-                raise
-            raise error from exc
-        return await self.check_forwarded(response)
+            return errors.ClientConnectionError(  # type: ignore[no-any-return]
+                not_a_proxy_message(self.broker, CLOSED, str(url)))
+        # ClientResponseError: raise_for_status=True raised on a forwarded request the broker refused
+        return await self.forward_error(exc.request_info, exc.history, exc.status, exc.headers, None)
 
     async def check_forwarded(self, response: Any) -> Any:
         """A plain-HTTP request is forwarded: the broker's refusal arrives as a response, in any framing."""
