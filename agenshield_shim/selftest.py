@@ -735,7 +735,8 @@ def _proxy_environment_problem(shim: ShimState) -> Optional[str]:
     if wrong:
         return "%s is %r, not the broker (%s)" % (wrong[0], os.environ.get(wrong[0]), proxy_url(shim))
     allow = getattr(shim.config, "allow", ())
-    bypass = boot.no_proxy_value(allow) if allow and hasattr(boot, "no_proxy_value") else None
+    no_proxy_value = getattr(boot, "no_proxy_value", None)
+    bypass = no_proxy_value(allow) if allow and no_proxy_value is not None else None
     for name in getattr(boot, "NO_PROXY_VARIABLES", ()):
         if os.environ.get(name) != bypass:
             return "%s is %r: it opens direct paths beyond AGENSHIELD_ALLOW (%r)" % (name, os.environ.get(name), bypass)

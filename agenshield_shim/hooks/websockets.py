@@ -172,7 +172,7 @@ def install_legacy(module: ModuleType) -> None:
     @functools.wraps(original_init)
     def __init__(self: "Any", *args: "Any", **kwargs: "Any") -> None:  # noqa: N807
         original_init(self, *args, **kwargs)
-        partial = getattr(self, "_create_connection", None)
+        partial: "Any" = getattr(self, "_create_connection", None)
         func = getattr(partial, "func", None)
         if func is None or getattr(func, "__name__", "") != "create_connection":
             return  # a Unix socket: nothing to route
