@@ -20,7 +20,7 @@ virtual connections feed it bytes. Nothing imports it at interpreter start-up.
 Strict on purpose, and stricter than h11 (``tests/broker/test_framing_h11.py`` runs both on generated
 and mutated messages and names every rule where they part, :data:`STRICTER`): CRLF only, no obs-fold,
 no control characters in field values, no whitespace in chunk-size lines, ``Content-Length`` with
-``Transfer-Encoding`` refused, HTTP/1.0 and 1.1 only. A message both accept is framed identically.
+``Transfer-Encoding`` refused, ``Transfer-Encoding`` in HTTP/1.0 refused, HTTP/1.0 and 1.1 only. A message both accept is framed identically.
 """
 
 import re
@@ -85,6 +85,7 @@ STRICTER = frozenset({
     "obs-fold",  # a field line starting with SP/HTAB (RFC 9112 5.2: reject or unfold; we reject)
     "control",  # a control character (not SP/HTAB) in a field value or reason phrase (RFC 9110 5.5)
     "te-with-cl",  # Transfer-Encoding and Content-Length together (RFC 9112 6.3: "ought to be an error")
+    "te-http1.0",  # Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1: its framing is faulty)
     "version",  # an HTTP version other than 1.0 and 1.1 (505 to a request)
     "chunk-line",  # whitespace or a malformed extension in a chunk-size line (RFC 9112 7.1)
     "trailer-field",  # a trailer line that is not a field line, or a framing field in trailers
@@ -312,9 +313,14 @@ def _transfer_codings(values: List[str]) -> List[str]:
     return codings
 
 
-def request_framing(head: _Head, limits: Limits = LIMITS) -> Framing:
+def request_framing(head: RequestHead, limits: Limits = LIMITS) -> Framing:
     """How a request body ends (RFC 9112 6.3): ``("none", 0)``, ``("length", n)`` or
-    ``("chunked", 0)``; 400 if ambiguous, 501 for a transfer coding other than ``chunked``."""
+    ``("chunked", 0)``; 400 if ambiguous, 501 for a transfer coding other than ``chunked``.
+
+    ``Transfer-Encoding`` in an HTTP/1.0 request is 400 (RFC 9112 6.1: its framing is faulty): an
+    HTTP/1.0 recipient does not know the field, so a chunked body it reads as no body at all would
+    be read as the next request (a proxy passing it on would smuggle that request past its policy).
+    """
     fields = head._fields()
     te = fields.get("transfer-encoding")
     cl = fields.get("content-length")
@@ -322,6 +328,8 @@ def request_framing(head: _Head, limits: Limits = LIMITS) -> Framing:
         codings = _transfer_codings(te)
         if cl is not None:
             raise HttpError(400, "both Content-Length and Transfer-Encoding", "te-with-cl")
+        if head.version == (1, 0):
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request", "te-http1.0")
         if codings != ["chunked"]:
             raise HttpError(501, "unsupported Transfer-Encoding")
         return "chunked", 0

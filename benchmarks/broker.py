@@ -224,7 +224,7 @@ async def concurrent_tunnels(broker_port: int, up_port: int, count: int) -> Tupl
         nonlocal opened, ok
         r, w = await asyncio.wait_for(asyncio.open_connection(HOST, broker_port), 30)
         try:
-            w.write(b"CONNECT %s:%d HTTP/1.1\r\n\r\n" % (HOST.encode(), up_port))
+            w.write(b"CONNECT %s:%d HTTP/1.1\r\nHost: x\r\n\r\n" % (HOST.encode(), up_port))
             head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 30)
             if not head.startswith(b"HTTP/1.1 200"):
                 return

@@ -238,10 +238,11 @@ def test_expect_continue_is_reported_once_while_the_body_is_awaited() -> None:
     b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",
     b"GET / HTTP/1.2\r\n\r\n",
     b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+    b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 ])
 def test_assembler_reads_with_the_brokers_rules(raw: bytes) -> None:
     """The virtual connection reads requests with the broker's codec: what the broker would refuse
-    (smuggling shapes it took before: ``1_0``, ``0x3``, a request line in a trailer, TE with CL) is a
-    WireError here too."""
+    (smuggling shapes it took before: ``1_0``, ``0x3``, a request line in a trailer, TE with CL, TE in
+    HTTP/1.0) is a WireError here too. The routes' ``Host`` rule is not applied: ``Host`` is dropped here."""
     with pytest.raises(WireError):
         RequestAssembler().feed(raw)

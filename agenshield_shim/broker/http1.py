@@ -76,6 +76,22 @@ def parse_response_head(data: bytes) -> ResponseHead:
         raise ProtocolError("malformed response head from upstream: %s" % exc.message) from None
 
 
+def check_host(head: RequestHead) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without ``Host``, or any request with more than one, is 400.
+
+    A route's rule, not the codec's: the shim's rpc assembler drops ``Host`` (the URL says where
+    a request goes), and ``--compat 0.7.2`` answers as the daemon does (Node keeps the first of
+    several ``Host`` fields; without one it answers its own 400). Two ``Host`` fields are two
+    answers to "which site", and a proxy must not pick one for its upstream (h11 refuses them too).
+    An empty ``Host`` is one field (RFC 9112 3.2: sent when the target has no authority).
+    """
+    hosts = head.get_all("host")
+    if len(hosts) > 1:
+        raise HttpError(400, "more than one Host header", "host")
+    if not hosts and head.version == (1, 1):
+        raise HttpError(400, "HTTP/1.1 request without a Host header", "host")
+
+
 def request_framing(head: Union[RequestHead, Headers]) -> Tuple[str, int]:
     """``("none", 0)``, ``("length", n)`` or ``("chunked", 0)`` for a request body; 400/501 if ambiguous."""
     if not isinstance(head, RequestHead):  # a bare field list (callers holding no head)

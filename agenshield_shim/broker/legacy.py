@@ -13,7 +13,8 @@ newline-delimited JSON. Everything here was measured on the daemon itself
   connections closed after 5 s) or ``Connection: close``; bodies chunked for HTTP/1.1,
   close-delimited for HTTP/1.0, none for ``HEAD``. A head Node cannot parse is a bare
   ``400 Bad Request`` (``431``, ``408``) with ``Connection: close`` and nothing else; an HTTP/1.1
-  request without ``Host`` is ``400`` with an empty chunked body.
+  request without ``Host`` is ``400`` with an empty chunked body; several ``Host`` fields are
+  served (Node keeps the first), so the front door's RFC 9112 3.2 rule is not applied here.
 - JSON is compact and not ASCII-escaped (``JSON.stringify``); ``/health`` says version ``0.1.0``.
 - JSON-RPC: ``-32700`` (id 0) for what is not JSON; ``-32600 Invalid Request`` for a non-object,
   a batch, ``jsonrpc`` other than ``"2.0"``, a falsy ``method`` or a missing ``id``; the id is

@@ -34,8 +34,8 @@ from .context import Conn, Services
 from . import legacy
 from .forward import handle_forward
 from .http1 import (
-    READ_SIZE, HttpError, abort, ProtocolError, RequestHead, Stream, parse_request_head, read_body,
-    render_response, request_framing,
+    READ_SIZE, HttpError, abort, ProtocolError, RequestHead, Stream, check_host, parse_request_head,
+    read_body, render_response, request_framing,
 )
 from .policy import build_policy
 from .rpc import RpcService
@@ -466,6 +466,7 @@ class Broker:
         assert services is not None and self.rpc is not None
         if services.config.rpc_only:
             return await legacy.serve(services, self.rpc, conn, head)
+        check_host(head)  # every route, CONNECT included (every client we route sends Host there)
         if head.method == "CONNECT":
             return await handle_connect(services, conn, head)
         target = head.target

@@ -92,7 +92,7 @@ def test_unix_socket_only(tmp_path: Path, servers: Any) -> None:
         out = unix_exchange(path, b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         assert b'"body": "hello"' in out
         req = b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        out = unix_exchange(path, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % servers.http_port + req, half_close=False)
+        out = unix_exchange(path, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % servers.http_port + req, half_close=False)
         assert out.startswith(b"HTTP/1.1 200 Connection Established") and out.endswith(b"hello")
         curl = subprocess.run(["/usr/bin/curl", "-sS", "--unix-socket", path, "http://localhost/health"],
                               capture_output=True, text=True, timeout=20)
@@ -108,14 +108,14 @@ def test_unix_socket_mode_and_tcp_together(tmp_path: Path) -> None:
     with BrokerProcess(["--unix", path, "--unix-mode", "660", "--port", "0"]) as p:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         assert len(p.urls) == 2
-        assert status_of(raw_exchange(p.port, b"GET /health HTTP/1.1\r\n\r\n")) == 200
+        assert status_of(raw_exchange(p.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
 
 
 def test_unix_socket_audit_channel(tmp_path: Path) -> None:
     path = str(tmp_path / "c.sock")
     audit = tmp_path / "a.jsonl"
     with BrokerProcess(["--unix", path, "--audit", str(audit)]):
-        unix_exchange(path, b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+        unix_exchange(path, b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
     e = json.loads(audit.read_text().splitlines()[0])
     assert e["channel"] == "socket" and e["operation"] == "connect" and e["allowed"] is False
 
@@ -124,7 +124,7 @@ def test_unix_socket_audit_channel(tmp_path: Path) -> None:
 def test_signal_closes_tunnels_and_exits_zero(servers: Any, sig: int) -> None:
     p = BrokerProcess(["--port", "0"])
     s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % servers.http_port)
+    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % servers.http_port)
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
     t0 = time.monotonic()
     assert p.stop(sig) == 0
@@ -136,7 +136,7 @@ def test_signal_closes_tunnels_and_exits_zero(servers: Any, sig: int) -> None:
 def test_ipv6_loopback() -> None:
     with BrokerProcess(["--host", "::1", "--port", "0"]) as p:
         assert p.url.startswith("http://[::1]:")
-        out = raw_exchange(p.port, b"GET /health HTTP/1.1\r\n\r\n", host="::1")
+        out = raw_exchange(p.port, b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n", host="::1")
         assert status_of(out) == 200
 
 
@@ -169,6 +169,6 @@ def test_policy_file_and_limits_flags(tmp_path: Path, servers: Any) -> None:
     with BrokerProcess(["--port", "0", "--policy", str(f), "--max-body-size", "1KiB", "--max-head-size", "2k"]) as p:
         ok = raw_exchange(p.port, b"GET http://127.0.0.1:%d/hello HTTP/1.1\r\nHost: x\r\n\r\n" % servers.http_port)
         assert ok.endswith(b"hello")
-        assert status_of(raw_exchange(p.port, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n")) == 403
-        assert status_of(raw_exchange(p.port, b"POST /rpc HTTP/1.1\r\nContent-Length: 2000\r\n\r\n")) == 413
-        assert status_of(raw_exchange(p.port, b"GET / HTTP/1.1\r\nX: " + b"a" * 3000 + b"\r\n\r\n")) == 431
+        assert status_of(raw_exchange(p.port, b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n")) == 403
+        assert status_of(raw_exchange(p.port, b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")) == 413
+        assert status_of(raw_exchange(p.port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 3000 + b"\r\n\r\n")) == 431

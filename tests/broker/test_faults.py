@@ -161,7 +161,7 @@ def test_memory_per_stalled_tunnel_is_bounded(broker: BrokerHandle, servers: Any
         for _ in range(n):
             s = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % servers.http_port)
+            s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % servers.http_port)
             assert s.recv(39).startswith(b"HTTP/1.1 200")
             s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % 200_000_000)
             socks.append(s)
@@ -247,7 +247,7 @@ def test_an_unwritable_audit_log_refuses_decisions(loop_thread: Any, servers: An
         port = bt.port
         refused = 0
         for _ in range(3):
-            out = raw_exchange(port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % listener.port)
+            out = raw_exchange(port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % listener.port)
             assert status_of(out) == 503 and b"audit log cannot be written" in out
             refused += 1
             out = raw_exchange(port, b"GET http://127.0.0.1:%d/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -299,8 +299,8 @@ def test_an_unopenable_audit_path_is_a_clear_start_error(tmp_path: Any) -> None:
 @pytest.mark.parametrize("data, status", [
     (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n", 400),
     (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400),
-    (b"CONNECT 127.0.0.1:\xc2\xb2 HTTP/1.1\r\n\r\n", 400),
-    (b"CONNECT 127.0.0.1:\xb2 HTTP/1.1\r\n\r\n", 400),
+    (b"CONNECT 127.0.0.1:\xc2\xb2 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"CONNECT 127.0.0.1:\xb2 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xa0\r\n\r\n0\r\n\r\n", 501),
     (b"GET /health HTTP/1.2\r\nHost: x\r\n\r\n", 505),
     (b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", 400),

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import re
 
 from agenshield_shim import http1
-from agenshield_shim.broker.http1 import HttpError, ProtocolError, Stream, copy_chunked, read_body
+from agenshield_shim.broker.http1 import HttpError, ProtocolError, Stream, check_host, copy_chunked, read_body
 
 HEAD = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -203,9 +203,8 @@ def broker_request(message: bytes) -> Optional[Tuple[str, bytes, bytes]]:
             if raw is None:
                 return None
             head = parse_request_head(raw)
-            if head.version == (1, 1) and head.get("host") is None:
-                return None  # the broker's routes answer it 400 too (h11 refuses it)
-            data = await read_body(src, request_framing(head.headers), 1 << 20)
+            check_host(head)  # the broker's routes' rule (h11 refuses such a request too)
+            data = await read_body(src, request_framing(head), 1 << 20)
         except (HttpError, ProtocolError):
             return None
         return head.method, data, bytes(src.buf) + await src.reader.read()
@@ -291,8 +290,10 @@ def codec_request(message: bytes, cut: int = 7) -> Tuple[str, str, bytes, bytes]
     try:
         assert end > 0, "NEXT always completes a head"
         head = http1.parse_request_head(data[:end])
-        if head.version == (1, 1) and len(head.get_all("host")) != 1 or len(head.get_all("host")) > 1:
-            raise Refused("host")  # the routes' rule (RFC 9112 3.2), not a framing one; h11 has it too
+        try:
+            check_host(head)  # the routes' rule (RFC 9112 3.2), not a framing one; h11 has it too
+        except http1.HttpError:
+            raise Refused("host") from None
         kind, n = http1.request_framing(head)
         rest = data[end:]
         if kind == "chunked":
@@ -392,6 +393,7 @@ def _shows(rule: str, message: bytes) -> bool:
         "obs-fold": re.search(rb"\n[ \t]", message) is not None,
         "control": any(b in _CONTROL for b in message),
         "te-with-cl": b"transfer-encoding" in low and b"content-length" in low,
+        "te-http1.0": b"transfer-encoding" in low and re.match(rb"(\r\n)*[^\r\n]* HTTP/1\.0\r\n", message) is not None,
         "version": re.search(rb"HTTP/(?!1\.[01])[0-9]\.[0-9]", message) is not None,
         "chunk-line": b"chunked" in low,
         "trailer-field": b"chunked" in low,
@@ -401,8 +403,11 @@ def _shows(rule: str, message: bytes) -> bool:
 
 def _differ(ours: Any, ref: Any, message: bytes, lenient: bool) -> None:
     if isinstance(ours, Refused):
-        if ref is None or ours.rule == "host":
-            return  # both refuse (the routes' Host rule: h11 refuses such a request too)
+        if ours.rule == "host":  # the routes' Host rule (RFC 9112 3.2): h11 has it, so it is not STRICTER
+            assert ref is None, "the Host rule refuses %r, h11 accepts it" % message
+            return
+        if ref is None:
+            return  # both refuse
         assert ours.rule in http1.STRICTER, "the codec refuses %r (rule %s), h11 accepts it" % (message, ours.rule)
         assert _shows(ours.rule, message), "refused %r by rule %s, which it does not break" % (message, ours.rule)
         return
@@ -421,7 +426,7 @@ def _check_codec_request(message: bytes, cut: int) -> None:
     _differ(ours, ref, message, lenient=message.startswith(b"\r\n"))
     broker = broker_request(message)  # the broker's Stream and read_body on the codec: the same reading
     if isinstance(ours, Refused):
-        assert broker is None or ours.rule == "host", "the broker accepts %r, the codec refuses it" % message
+        assert broker is None, "the broker accepts %r, the codec (or the Host rule) refuses it" % message
     else:
         assert broker == (ours[0], ours[2], ours[3]), "the broker and the codec frame %r differently" % message
 
@@ -569,6 +574,7 @@ def test_codec_mutated_chunked_as_h11(body: bytes, cuts: List[int]) -> None:
     (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", "obs-fold"),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", "control"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "te-with-cl"),
+    (b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", "te-http1.0"),
     (b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", "version"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4 \r\nabcd\r\n0\r\n\r\n", "chunk-line"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 5\r\n\r\n", "trailer-field"),
@@ -580,7 +586,7 @@ def test_each_stricter_rule_is_one_h11_does_not_have(message: bytes, rule: str) 
     with pytest.raises(Refused) as info:
         codec_request(message)
     assert info.value.rule == rule and rule in http1.STRICTER
-    assert len(http1.STRICTER) == 8  # a new rule needs its example here
+    assert len(http1.STRICTER) == 9  # a new rule needs its example here
 
 
 def test_codec_statuses_for_bad_requests() -> None:
@@ -607,6 +613,11 @@ def test_codec_statuses_for_bad_requests() -> None:
         with pytest.raises(http1.HttpError) as info:
             http1.request_framing(head)
         assert info.value.status == status, fields
+    for fields in (b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked\xa0"):
+        head = http1.parse_request_head(b"POST / HTTP/1.0\r\n" + fields + b"\r\n\r\n")
+        with pytest.raises(http1.HttpError) as info:  # RFC 9112 6.1: faulty framing, whatever the coding
+            http1.request_framing(head)
+        assert (info.value.status, info.value.rule) == (400, "te-http1.0"), fields
     decoder = http1.ChunkedDecoder(limit=10)
     with pytest.raises(http1.HttpError) as info:
         decoder.feed(b"5\r\nabcde\r\n6\r\n")

@@ -265,7 +265,7 @@ def test_connect_port_policy_extension(make_broker: Any, servers: Any) -> None:
 
 def test_bad_connect_target_400(broker: BrokerHandle) -> None:
     for target in ("", "host:99999", "[::1", "a:b:c", "host:port"):
-        out = raw_exchange(broker.port, b"CONNECT %s HTTP/1.1\r\n\r\n" % target.encode())
+        out = raw_exchange(broker.port, b"CONNECT %s HTTP/1.1\r\nHost: x\r\n\r\n" % target.encode())
         assert status_of(out) == 400, target
 
 

@@ -40,17 +40,17 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
         (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n", 400),
-        (b"POST /rpc HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-        (b"POST /rpc HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
-        (b"POST /rpc HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST /rpc HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
         (b"GET / HTTP/3.0\r\n\r\n", 505),
-        (b"GET relative HTTP/1.1\r\n\r\n", 400),
-        (b"GET ftp://127.0.0.1/ HTTP/1.1\r\n\r\n", 400),
-        (b"GET /nowhere HTTP/1.1\r\n\r\n", 404),
-        (b"DELETE /health HTTP/1.1\r\n\r\n", 405),
-        (b"GET /rpc HTTP/1.1\r\n\r\n", 405),
+        (b"GET relative HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET ftp://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"DELETE /health HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"GET /rpc HTTP/1.1\r\nHost: x\r\n\r\n", 405),
     ],
 )
 def test_malformed_heads_get_their_answer(broker: BrokerHandle, data: bytes, status: int) -> None:
@@ -61,12 +61,12 @@ def test_malformed_heads_get_their_answer(broker: BrokerHandle, data: bytes, sta
 
 def test_oversized_head_431(make_broker: Any) -> None:
     b = make_broker(max_head_size=4096)
-    out = raw_exchange(b.port, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+    out = raw_exchange(b.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
     assert status_of(out) == 431
     out = raw_exchange(b.port, b"GET /" + b"a" * 8000)  # never-ending request line
     assert status_of(out) == 431
     assert healthy(b)
-    ok = raw_exchange(b.port, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 3000 + b"\r\nConnection: close\r\n\r\n")
+    ok = raw_exchange(b.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\nConnection: close\r\n\r\n")
     assert status_of(ok) == 200
 
 
@@ -156,7 +156,7 @@ def test_non_loopback_callers_refused_server(broker: BrokerHandle, monkeypatch: 
 def _tunnel_infinite(b: BrokerHandle, name: str) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", b.port), timeout=10)
     port = b.servers.http_port
-    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % port)
+    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
     assert s.recv(4096).startswith(b"HTTP/1.1 200 Connection Established")
     s.sendall(b"GET /infinite?name=%s HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
     got = 0
@@ -211,7 +211,7 @@ def test_slow_reader_does_not_make_broker_buffer(broker: BrokerHandle, servers: 
 def test_slow_reader_does_not_make_tunnel_buffer(broker: BrokerHandle, servers: Any) -> None:
     s = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % servers.http_port)
+    s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % servers.http_port)
     assert s.recv(39).startswith(b"HTTP/1.1 200")
     s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % 200_000_000)
     time.sleep(1.0)
@@ -229,7 +229,7 @@ def test_slow_reader_does_not_make_tunnel_buffer(broker: BrokerHandle, servers: 
 def test_tunnel_idle_timeout(make_broker: Any) -> None:
     b = make_broker(idle_timeout=0.5)
     with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
-        s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % b.servers.http_port)
+        s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % b.servers.http_port)
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
         t0 = time.monotonic()
         assert s.recv(100) == b""
