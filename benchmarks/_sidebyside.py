@@ -44,6 +44,19 @@ def wait_listening(port: int, proc: "subprocess.Popen[bytes]", timeout: float = 
     raise RuntimeError("nothing listening on %d after %g s" % (port, timeout))
 
 
+def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess.Popen[str]", str]:
+    """Start ``cmd`` and wait (30 s at most) for the stdout line holding ``marker``; returns it too."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if marker in line:
+            return proc, line.strip()
+    proc.kill()
+    raise RuntimeError("%s did not start" % cmd)
+
+
 def tree_cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and every live descendant (from ``/proc``)."""
     stats: Dict[int, Tuple[int, float]] = {}
@@ -134,11 +147,9 @@ def checkout(ref_or_dir: str, into: Path) -> str:
     """A directory holding ``ref_or_dir``'s tree: the directory itself, or ``git archive REF`` of this repo."""
     if os.path.isdir(ref_or_dir):
         return os.path.abspath(ref_or_dir)
-    root = Path(__file__).resolve().parents[1]
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(root), "archive", ref_or_dir], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return str(into)
+    from _venvs import checkout as export  # one git-archive export for every benchmark
+
+    return str(export(ref_or_dir, into))
 
 
 # -- upstream -----------------------------------------------------------------------------------------

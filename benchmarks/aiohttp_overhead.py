@@ -38,12 +38,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _venvs import ROOT, build_wheel, clean_env, make_venv, python_version  # noqa: E402
+from _sidebyside import start  # noqa: E402
+from _venvs import ROOT, build_wheel, checkout, clean_env, make_venv, python_version  # noqa: E402
 
 CLIENT = r'''
 import asyncio, json, os, sys, time
@@ -71,30 +71,9 @@ print(json.dumps({"cpu": cpu / n, "latency": sorted(lat)[n // 2]}))
 '''
 
 
-def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess.Popen[str]", str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if marker in line:
-            return proc, line.strip()
-    proc.kill()
-    raise RuntimeError("%s did not start" % cmd)
-
-
 def baseline_wheel(ref: str, tmp: Path) -> Path:
     """The wheel of a git ref of this repository (``git archive``: the work tree is not touched)."""
-    src = tmp / "baseline-src"
-    src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    out = tmp / "baseline-wheel"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-        check=True, cwd=tempfile.gettempdir(),
-    )
-    return next(out.glob("agenshield_shim-*.whl"))
+    return build_wheel(tmp / "baseline-wheel", checkout(ref, tmp / "baseline-src"))
 
 
 def run_client(python: str, mode: str, url: str, broker: str, n: int, warmup: int, env: Dict[str, str],

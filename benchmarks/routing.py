@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sidebyside import start  # noqa: E402
 from _venvs import ROOT, build_wheel, clean_env, make_venv, python_version  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -110,18 +111,6 @@ else:
     asyncio.run(main())
 print(json.dumps({"latencies": lat, "rates": rates}))
 '''
-
-
-def start(cmd: List[str], marker: str, env: Dict[str, str]) -> Tuple["subprocess.Popen[str]", str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if marker in line:
-            return proc, line.strip()
-    proc.kill()
-    raise RuntimeError("%s did not start" % cmd)
 
 
 TEXT_MODES = ("ref rpc", "daemon", "daemon unix")
